@@ -1,0 +1,138 @@
+//! The engine proper: model, KV cache and scheduler, owned by one thread. `step()` is
+//! schedule → execute → update and nothing else.
+use pagoda_models::{Model, PagedKvCache};
+
+use crate::kv::KvCacheManager;
+use crate::request::{Request, RequestId};
+use crate::runner;
+use crate::scheduler::{RequestOutput, Scheduler, SchedulerConfig};
+use crate::EngineError;
+
+/// Sizes of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Pool size in blocks; wins over `kv_cache_memory`.
+    pub num_blocks: Option<usize>,
+    /// Pool size in bytes (all layers, K and V).
+    pub kv_cache_memory: Option<usize>,
+    /// Requests allowed to wait for a slot beyond those running (excess gets `QueueFull`).
+    pub max_waiting: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            block_size: 16,
+            num_blocks: None,
+            kv_cache_memory: None,
+            max_waiting: 256,
+        }
+    }
+}
+
+/// Default KV pool when neither blocks nor bytes are given.
+pub const DEFAULT_KV_CACHE_MEMORY: usize = 512 << 20;
+
+/// Counters the outside may read (through the handle).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub num_running: usize,
+    pub num_waiting: usize,
+    pub num_free_blocks: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_preemptions: u64,
+}
+
+pub struct Engine {
+    model: Box<dyn Model>,
+    cache: PagedKvCache,
+    scheduler: Scheduler,
+}
+
+impl Engine {
+    pub fn new(
+        model: Box<dyn Model>,
+        config: &EngineConfig,
+        eos_token_ids: Vec<u32>,
+    ) -> Result<Self, EngineError> {
+        let spec = model.kv_cache_spec();
+        let num_blocks = match (config.num_blocks, config.kv_cache_memory) {
+            (Some(n), _) => n,
+            (None, bytes) => {
+                bytes.unwrap_or(DEFAULT_KV_CACHE_MEMORY) / spec.bytes_per_block(config.block_size)
+            }
+        };
+        if num_blocks == 0 || config.block_size == 0 {
+            return Err(EngineError::Config(format!(
+                "the KV pool must hold at least one block (block size {}, {} bytes per block)",
+                config.block_size,
+                spec.bytes_per_block(config.block_size)
+            )));
+        }
+        let cache = PagedKvCache::new(&spec, num_blocks, config.block_size, model.device())?;
+        let kv = KvCacheManager::new(num_blocks, config.block_size);
+        let scheduler = Scheduler::new(config.scheduler, kv, eos_token_ids);
+        Ok(Self {
+            model,
+            cache,
+            scheduler,
+        })
+    }
+
+    pub fn model(&self) -> &dyn Model {
+        self.model.as_ref()
+    }
+
+    pub fn add(&mut self, request: Request) {
+        self.scheduler.add(request);
+    }
+
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        self.scheduler.abort(id)
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let kv = self.scheduler.kv();
+        EngineStats {
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+            num_free_blocks: kv.num_free_blocks(),
+            num_blocks: kv.num_blocks(),
+            block_size: kv.block_size(),
+            num_preemptions: self.scheduler.num_preemptions(),
+        }
+    }
+
+    /// One step. On a model error the step's requests are aborted and the error returned with
+    /// their ids.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>, (Vec<RequestId>, EngineError)> {
+        let out = self.scheduler.schedule();
+        if out.is_empty() {
+            return Ok(Vec::new());
+        }
+        match runner::execute(
+            &out,
+            &mut self.scheduler,
+            self.model.as_ref(),
+            &mut self.cache,
+        ) {
+            Ok(sampled) => Ok(self.scheduler.update(&out, sampled)),
+            Err(e) => {
+                let ids: Vec<RequestId> = out.scheduled.iter().map(|s| s.id).collect();
+                for &id in &ids {
+                    self.scheduler.abort(id);
+                }
+                Err((ids, e))
+            }
+        }
+    }
+}

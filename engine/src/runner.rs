@@ -1,0 +1,87 @@
+//! Turns a scheduler decision into a model forward and sampled tokens: builds the flattened
+//! [`ForwardBatch`] (tokens, slots, block tables), runs the model, samples per request.
+use pagoda_kernels::AttentionMetadata;
+use pagoda_models::{ForwardBatch, Model, PagedKvCache};
+
+use crate::request::RequestId;
+use crate::sampler::SampledToken;
+use crate::scheduler::{Scheduler, SchedulerOutput};
+use crate::EngineError;
+
+/// The step's batch, in scheduled order.
+pub fn build_batch(out: &SchedulerOutput, scheduler: &Scheduler) -> ForwardBatch {
+    let kv = scheduler.kv();
+    let max_blocks_per_seq = out
+        .scheduled
+        .iter()
+        .map(|s| kv.blocks_for(s.num_computed_tokens + s.num_new_tokens))
+        .max()
+        .unwrap_or(0);
+    let mut batch = ForwardBatch {
+        input_ids: Vec::with_capacity(out.num_batched_tokens),
+        attention: AttentionMetadata {
+            slot_mapping: Vec::with_capacity(out.num_batched_tokens),
+            query_start_loc: vec![0],
+            seq_lens: Vec::with_capacity(out.scheduled.len()),
+            block_tables: Vec::with_capacity(out.scheduled.len() * max_blocks_per_seq),
+            max_blocks_per_seq,
+        },
+        logits_indices: Vec::new(),
+    };
+    for s in &out.scheduled {
+        let req = scheduler.request(s.id).expect("scheduled request exists");
+        let end = s.num_computed_tokens + s.num_new_tokens;
+        for p in s.num_computed_tokens..end {
+            batch.input_ids.push(req.token(p));
+            batch.attention.slot_mapping.push(kv.slot(s.id, p));
+        }
+        batch
+            .attention
+            .query_start_loc
+            .push(batch.input_ids.len() as u32);
+        batch.attention.seq_lens.push(end as u32);
+        let table = kv.block_table(s.id);
+        batch
+            .attention
+            .block_tables
+            .extend(table.iter().map(|b| b.0));
+        batch
+            .attention
+            .block_tables
+            .extend(std::iter::repeat_n(0, max_blocks_per_seq - table.len()));
+        if s.samples {
+            batch.logits_indices.push(batch.input_ids.len() as u32 - 1);
+        }
+    }
+    batch
+}
+
+/// Runs the step on the model and samples a token for every request that reached its end.
+pub fn execute(
+    out: &SchedulerOutput,
+    scheduler: &mut Scheduler,
+    model: &dyn Model,
+    cache: &mut PagedKvCache,
+) -> Result<Vec<(RequestId, SampledToken)>, EngineError> {
+    let batch = build_batch(out, scheduler);
+    let logits = model.forward(&batch, cache)?;
+    if batch.logits_indices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut logits = logits
+        .to_vec2::<f32>()
+        .map_err(pagoda_models::Error::from)?;
+    let eos = scheduler.eos_token_ids().to_vec();
+    let mut sampled = Vec::with_capacity(logits.len());
+    let samplers = out.scheduled.iter().filter(|s| s.samples);
+    for (s, row) in samplers.zip(logits.iter_mut()) {
+        let req = scheduler
+            .request_mut(s.id)
+            .expect("scheduled request exists");
+        let token = req
+            .sampler
+            .sample(row, &req.params, &req.output_tokens, &eos);
+        sampled.push((s.id, token));
+    }
+    Ok(sampled)
+}

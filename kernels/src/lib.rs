@@ -1,0 +1,16 @@
+//! Kernels: the custom ops the models need beyond what candle offers, each with a CPU
+//! implementation (the reference) and the same API for every device.
+//!
+//! - [`paged`]: the paged KV cache of one layer ([`PagedKvLayer`]), writing new keys and values
+//!   into their slots ([`reshape_and_cache`]) and attention of a flattened varlen batch of query
+//!   tokens over the paged cache ([`paged_attention`]) — one op for prefill, chunked prefill and
+//!   decode.
+//!
+//! Shapes (T = tokens in the step, H = query heads, KVH = key/value heads, D = head dim,
+//! NB = blocks in the pool, BS = block size):
+//! - queries `[T, H, D]`, new keys/values `[T, KVH, D]`;
+//! - cache `[NB, BS, KVH, D]` for keys and for values;
+//! - output `[T, H, D]`.
+pub mod paged;
+
+pub use paged::{paged_attention, reshape_and_cache, AttentionMetadata, PagedKvLayer};

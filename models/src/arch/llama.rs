@@ -1,0 +1,202 @@
+//! The Llama family: Llama 2/3 (with Llama-3 rope scaling), SmolLM2, Mistral and Qwen2 (bias on
+//! q/k/v). Pre-norm decoder blocks of RMSNorm → GQA attention with rotary embeddings → RMSNorm →
+//! SwiGLU MLP, over a flattened varlen batch and the paged KV cache.
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+use pagoda_kernels::{paged_attention, reshape_and_cache};
+
+use crate::config::LlamaConfig;
+use crate::model::{ForwardBatch, KvCacheSpec, Model, PagedKvCache};
+use crate::weights::{progress_bar, WeightSource};
+use crate::Result;
+
+struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(
+        w: &mut WeightSource,
+        name: &str,
+        bias: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let weight = w.linear(&format!("{name}.weight"), dtype, device)?;
+        let bias = if bias {
+            Some(w.tensor(&format!("{name}.bias"), dtype, device)?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct Layer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    /// `[max_positions, head_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads the weights named in Hugging Face style from `w` (GGUF sources translate).
+    pub fn load(
+        cfg: LlamaConfig,
+        w: &mut WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if cfg.architecture == "llama" {
+            w.set_unpermute(Some((cfg.num_heads, cfg.num_kv_heads)));
+        }
+        let embed = w.tensor("model.embed_tokens.weight", dtype, device)?;
+        let bar = progress_bar(cfg.num_layers as u64, "loading layers");
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let lin = |w: &mut WeightSource, n: &str, bias: bool| {
+                Linear::load(w, &format!("{p}.{n}"), bias, dtype, device)
+            };
+            let ab = cfg.attention_bias;
+            layers.push(Layer {
+                input_norm: w.tensor(&format!("{p}.input_layernorm.weight"), dtype, device)?,
+                q: lin(w, "self_attn.q_proj", ab)?,
+                k: lin(w, "self_attn.k_proj", ab)?,
+                v: lin(w, "self_attn.v_proj", ab)?,
+                o: lin(w, "self_attn.o_proj", false)?,
+                post_norm: w.tensor(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    dtype,
+                    device,
+                )?,
+                gate: lin(w, "mlp.gate_proj", false)?,
+                up: lin(w, "mlp.up_proj", false)?,
+                down: lin(w, "mlp.down_proj", false)?,
+            });
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let norm = w.tensor("model.norm.weight", dtype, device)?;
+        let lm_head = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
+            w.linear("lm_head.weight", dtype, device)?
+        } else {
+            w.linear("model.embed_tokens.weight", dtype, device)?
+        };
+        let mut inv_freq = cfg.inv_freq();
+        // Llama-3 GGUFs store the scaling as per-frequency divisors.
+        if w.contains("rope_freqs.weight") {
+            let factors = w
+                .tensor("rope_freqs.weight", DType::F32, &Device::Cpu)?
+                .to_vec1::<f32>()?;
+            for (f, d) in inv_freq.iter_mut().zip(factors) {
+                *f /= d;
+            }
+        }
+        let max_pos = cfg.max_position_embeddings;
+        let inv = Tensor::from_vec(inv_freq, (1, cfg.head_dim / 2), device)?;
+        let t = Tensor::arange(0u32, max_pos as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_pos, 1))?;
+        let freqs = t.broadcast_mul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
+            cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+}
+
+impl Model for Llama {
+    fn kv_cache_spec(&self) -> KvCacheSpec {
+        KvCacheSpec {
+            num_layers: self.cfg.num_layers,
+            num_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            dtype: self.dtype,
+        }
+    }
+
+    fn max_context_len(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn forward(&self, batch: &ForwardBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let num_tokens = batch.input_ids.len();
+        let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let meta = &batch.attention;
+        let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
+        let positions = Tensor::new(meta.positions().as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?;
+        let sin = self.sin.index_select(&positions, 0)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let eps = cfg.rms_norm_eps as f32;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter()) {
+            let hs = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
+            let q = layer.q.forward(&hs)?.reshape((1, num_tokens, h, d))?;
+            let k = layer.k.forward(&hs)?.reshape((1, num_tokens, kvh, d))?;
+            let v = layer.v.forward(&hs)?.reshape((num_tokens, kvh, d))?;
+            let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?.squeeze(0)?;
+            let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
+            reshape_and_cache(&k, &v, kv, &meta.slot_mapping)?;
+            let attn = paged_attention(&q, kv, meta, scale)?.reshape((num_tokens, h * d))?;
+            x = (x + layer.o.forward(&attn)?)?;
+            let hs = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
+            let mlp =
+                (candle_nn::ops::silu(&layer.gate.forward(&hs)?)? * layer.up.forward(&hs)?)?;
+            x = (x + layer.down.forward(&mlp)?)?;
+        }
+        let idx = Tensor::new(batch.logits_indices.as_slice(), &self.device)?;
+        let x = x.index_select(&idx, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let logits = self.lm_head.forward(&x)?;
+        Ok(logits.to_dtype(DType::F32)?.contiguous()?)
+    }
+}

@@ -1,0 +1,2 @@
+//! Model architectures, one family per file.
+pub mod llama;

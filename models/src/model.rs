@@ -1,0 +1,83 @@
+//! The contract between the engine and a model: one forward over a flattened varlen batch that
+//! reads and writes keys and values only through the paged cache.
+use candle_core::{DType, Device, Tensor};
+use pagoda_kernels::{AttentionMetadata, PagedKvLayer};
+
+use crate::Result;
+
+/// What a KV block costs for this model; the engine sizes its pool from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheSpec {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+}
+
+impl KvCacheSpec {
+    /// Bytes of K and V for one block over all layers.
+    pub fn bytes_per_block(&self, block_size: usize) -> usize {
+        2 * self.num_layers
+            * block_size
+            * self.num_kv_heads
+            * self.head_dim
+            * self.dtype.size_in_bytes()
+    }
+}
+
+/// The paged KV cache of all layers.
+pub struct PagedKvCache {
+    pub layers: Vec<PagedKvLayer>,
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+impl PagedKvCache {
+    pub fn new(
+        spec: &KvCacheSpec,
+        num_blocks: usize,
+        block_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let layers = (0..spec.num_layers)
+            .map(|_| {
+                PagedKvLayer::zeros(
+                    num_blocks,
+                    block_size,
+                    spec.num_kv_heads,
+                    spec.head_dim,
+                    spec.dtype,
+                    device,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            block_size,
+            num_blocks,
+        })
+    }
+}
+
+/// One step's input: every scheduled token of every sequence, flattened, no padding.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardBatch {
+    /// `[num_tokens]`.
+    pub input_ids: Vec<u32>,
+    /// Positions, slots and block tables of those tokens.
+    pub attention: AttentionMetadata,
+    /// Indices into the flattened tokens whose logits are wanted (usually each sequence's last
+    /// scheduled token, when it will sample).
+    pub logits_indices: Vec<u32>,
+}
+
+/// A causal language model over the paged cache.
+pub trait Model: Send {
+    fn kv_cache_spec(&self) -> KvCacheSpec;
+    /// Longest sequence (prompt + output) the model supports.
+    fn max_context_len(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    fn device(&self) -> &Device;
+    /// Logits `[logits_indices.len(), vocab]`, f32.
+    fn forward(&self, batch: &ForwardBatch, cache: &mut PagedKvCache) -> Result<Tensor>;
+}
