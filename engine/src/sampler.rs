@@ -211,11 +211,8 @@ impl SequenceSampler {
         // Scaled logit relative to the best token: ln(p / p_max).
         let scaled = |x: f32| (x - max) * inv_t;
         let weight = |x: f32| f64::from(scaled(x).exp());
-        let ln_min_p = if params.min_p > 0.0 {
-            params.min_p.min(1.0).ln()
-        } else {
-            NEG_INF
-        };
+        // min_p off (0) gives ln 0 = -inf: every finite logit passes.
+        let ln_min_p = params.min_p.max(0.0).min(1.0).ln();
         let keep_min_p = |x: f32| x > NEG_INF && scaled(x) >= ln_min_p;
         let use_top_k = params.top_k > 0 && params.top_k < logits.len();
         let use_top_p = params.top_p < 1.0;
@@ -249,7 +246,7 @@ impl SequenceSampler {
             }
         }
         if use_top_p {
-            let num_nucleus = nucleus_len(candidates, z_top_k, params.top_p, weight);
+            let num_nucleus = nucleus_len(candidates, params.top_p, |x| weight(x) / z_top_k);
             candidates.truncate(num_nucleus);
         }
 
@@ -291,10 +288,8 @@ impl LogNorm {
             return Self { max, ln_sum: 0.0 };
         }
         let sum: f64 = logits.iter().map(|&x| f64::from((x - max).exp())).sum();
-        Self {
-            max,
-            ln_sum: sum.ln() as f32,
-        }
+        let ln_sum = sum.ln() as f32;
+        Self { max, ln_sum }
     }
 
     fn logprob(&self, x: f32) -> f32 {
@@ -355,10 +350,10 @@ fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
 
 /// The `num_top` best `(token, logit)` pairs, best first, in one pass with a tiny sorted buffer.
 fn top_n(logits: &[f32], num_top: usize) -> Vec<(u32, f32)> {
-    let mut top: Vec<(u32, f32)> = Vec::with_capacity(num_top + 1);
     if num_top == 0 {
-        return top;
+        return Vec::new();
     }
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(num_top + 1);
     for (i, &x) in logits.iter().enumerate() {
         // Scanning ids upwards, an equal logit ranks after the ones already kept.
         if top.len() == num_top && x <= top[num_top - 1].1 {
@@ -395,14 +390,9 @@ fn collect_top_k(logits: &[f32], top_k: usize, out: &mut Vec<(u32, f32)>) {
 }
 
 /// Sorts the best candidates (chunk by chunk, never more than needed) and returns how many
-/// form the nucleus: the fewest whose probability (`weight / z`) reaches `top_p`. All of
-/// them when the mass never gets there.
-fn nucleus_len(
-    candidates: &mut [(u32, f32)],
-    z: f64,
-    top_p: f32,
-    weight: impl Fn(f32) -> f64,
-) -> usize {
+/// form the nucleus: the fewest whose summed `prob` reaches `top_p`. All of them when the
+/// mass never gets there.
+fn nucleus_len(candidates: &mut [(u32, f32)], top_p: f32, prob: impl Fn(f32) -> f64) -> usize {
     let top_p = f64::from(top_p);
     let mut num_sorted = 0;
     let mut chunk = NUCLEUS_FIRST_CHUNK;
@@ -415,7 +405,7 @@ fn nucleus_len(
         }
         rest[..num_chunk].sort_unstable_by(by_rank);
         for (i, &(_, x)) in rest[..num_chunk].iter().enumerate() {
-            cum += weight(x) / z;
+            cum += prob(x);
             if cum >= top_p {
                 return num_sorted + i + 1;
             }
@@ -448,11 +438,9 @@ mod tests {
     }
 
     /// `num_draws` tokens from one sampler with no output history.
-    fn draws(logits: &[f32], p: &SamplingParams, num_draws: usize) -> Vec<u32> {
+    fn draws(logits: &[f32], p: &SamplingParams, n: usize) -> Vec<u32> {
         let mut s = SequenceSampler::new(p, &[]);
-        (0..num_draws)
-            .map(|_| pick(&mut s, logits, p, &[]))
-            .collect()
+        (0..n).map(|_| pick(&mut s, logits, p, &[])).collect()
     }
 
     fn ramp(vocab: usize, logit: impl Fn(usize) -> f32) -> Vec<f32> {
@@ -475,9 +463,7 @@ mod tests {
     fn reference_support(logits: &[f32], p: &SamplingParams) -> Vec<u32> {
         let mut order: Vec<u32> = (0..logits.len() as u32).collect();
         order.sort_by(|&a, &b| by_rank(&(a, logits[a as usize]), &(b, logits[b as usize])));
-        if p.top_k > 0 {
-            order.truncate(p.top_k);
-        }
+        order.truncate(if p.top_k > 0 { p.top_k } else { order.len() });
         let ranked: Vec<f32> = order.iter().map(|&t| logits[t as usize]).collect();
         let probs = softmax(&ranked, p.temperature);
         let mut cum = 0.0;
@@ -573,13 +559,7 @@ mod tests {
     fn filters_match_the_naive_reference_on_a_large_vocab() {
         let vocab = 128 * 1024;
         let logits = ramp(vocab, |i| (i * 2_654_435 % 1009) as f32 * 0.011);
-        let settings = [
-            (50, 1.0, 0.0),
-            (0, 0.9, 0.0),
-            (0, 0.5, 0.9),
-            (400, 0.95, 0.1),
-        ];
-        for (top_k, top_p, min_p) in settings {
+        for (top_k, top_p, min_p) in [(50, 1.0, 0.0), (0, 0.9, 0.2), (400, 0.9, 0.1)] {
             let p = with(0.8, |p| (p.top_k, p.top_p, p.min_p) = (top_k, top_p, min_p));
             let mut support = reference_support(&logits, &p);
             let mut sampler = SequenceSampler::new(&p, &[]);
@@ -620,8 +600,7 @@ mod tests {
     fn frequency_penalty_grows_with_count_incrementally() {
         let p = with(0.0, |p| p.frequency_penalty = 0.2);
         let mut sampler = SequenceSampler::new(&p, &[]);
-        let mut output = vec![];
-        let mut picks = vec![];
+        let (mut output, mut picks) = (vec![], vec![]);
         for _ in 0..4 {
             picks.push(pick(&mut sampler, &[1.0, 0.5], &p, &output));
             output.push(0);
@@ -655,9 +634,8 @@ mod tests {
         }
         assert_eq!(pick(&mut sampler, &logits, &p, &output), 0);
         // ignore_eos: EOS ends nothing so it is not masked; stop ids still are.
-        let ignore = with(0.0, |q| {
-            (q.min_tokens, q.stop_token_ids, q.ignore_eos) = (3, vec![1], true)
-        });
+        let mut ignore = p.clone();
+        ignore.ignore_eos = true;
         assert_eq!(greedy(&logits, &ignore, &[], &[]), 0);
         assert_eq!(greedy(&[0.0, 4.0, 3.0], &ignore, &[], &[]), 2);
     }
@@ -665,9 +643,8 @@ mod tests {
     #[test]
     fn logprobs_are_log_softmax_of_processed_logits() {
         let logits = ramp(100, |i| (i * 13 % 17) as f32 * 0.25);
-        let mut p = with(0.7, |p| {
-            (p.logprobs, p.logit_bias) = (Some(3), vec![(5, 2.0)])
-        });
+        let mut p = with(0.7, |p| p.logit_bias = vec![(5, 2.0)]);
+        p.logprobs = Some(3);
         let mut processed = logits.clone();
         processed[5] += 2.0;
         let expected: Vec<f64> = softmax(&processed, 1.0).iter().map(|q| q.ln()).collect();
@@ -715,8 +692,46 @@ mod tests {
             let out = sampler.sample(&mut [f32::NAN; 8], &p, &[1], &[]);
             assert_eq!((out.token, out.logprob), (0, NEG_INF));
             let out = sampler.sample(&mut [f32::INFINITY, 1.0, f32::NAN], &p, &[1], &[]);
-            assert_eq!(out.token, 0);
-            assert!(!out.logprob.is_nan());
+            assert!(out.token == 0 && !out.logprob.is_nan());
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn bench_128k() {
+        let logits = ramp(128 * 1024, |i| (i * 2_654_435 % 1009) as f32 * 0.011);
+        let peaked = ramp(128 * 1024, |i| -((i * 2_654_435 % 100_003) as f32).sqrt());
+        for (name, p) in [
+            ("greedy", with(0.0, |_| {})),
+            ("greedy+logprobs", with(0.0, |p| p.logprobs = Some(20))),
+            ("T=0.8", with(0.8, |_| {})),
+            ("T=0.8 top_k=50", with(0.8, |p| p.top_k = 50)),
+            ("T=0.8 top_p=0.9", with(0.8, |p| p.top_p = 0.9)),
+            ("T=0.8 min_p=0.05", with(0.8, |p| p.min_p = 0.05)),
+            (
+                "T=0.8 k=50 p=0.9 pen",
+                with(0.8, |p| {
+                    p.top_k = 50;
+                    p.top_p = 0.9;
+                    p.repetition_penalty = 1.1;
+                    p.frequency_penalty = 0.5;
+                }),
+            ),
+        ] {
+            for (dist, l) in [("flat", &logits), ("peaked", &peaked)] {
+                let mut s = SequenceSampler::new(&p, &(0..2000).collect::<Vec<u32>>());
+                let out: Vec<u32> = (0..500).collect();
+                let mut buf = l.clone();
+                let t = std::time::Instant::now();
+                for _ in 0..200 {
+                    buf.copy_from_slice(l);
+                    std::hint::black_box(s.sample(&mut buf, &p, &out, &[2]));
+                }
+                eprintln!(
+                    "{name:24} {dist:7} {:8.1} us/sample",
+                    t.elapsed().as_secs_f64() * 1e6 / 200.0
+                );
+            }
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct LoadedModel {
 pub struct LoadOptions {
     pub device: Device,
     pub dtype: DType,
+    /// Dequantize quantized GGUF weights to `dtype` at load (more memory, float matmuls).
+    pub dequantize: bool,
 }
 
 impl Default for LoadOptions {
@@ -32,6 +34,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
+            dequantize: false,
         }
     }
 }
@@ -90,7 +93,7 @@ fn load_gguf(
     opts: &LoadOptions,
     with_tokenizer: bool,
 ) -> Result<(Llama, LlamaConfig, Option<ModelTokenizer>)> {
-    let mut weights = WeightSource::open_gguf(path)?;
+    let mut weights = WeightSource::open_gguf(path, opts.dequantize)?;
     let content = weights.gguf().expect("GGUF source");
     let config = LlamaConfig::from_gguf(content)?;
     let tokenizer = if with_tokenizer {

@@ -19,6 +19,8 @@ pub enum WeightSource {
         path: PathBuf,
         /// Undo llama.cpp's Q/K row permutation (`(num_heads, num_kv_heads)`), for arch `llama`.
         unpermute: Option<(usize, usize)>,
+        /// Dequantize matrices at load.
+        dequantize: bool,
     },
     Safetensors(HashMap<String, Tensor>),
 }
@@ -78,7 +80,7 @@ fn unpermute_rows(qt: &QTensor, num_heads: usize, device: &Device) -> Result<QTe
 }
 
 impl WeightSource {
-    pub fn open_gguf(path: &Path) -> Result<Self> {
+    pub fn open_gguf(path: &Path, dequantize: bool) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| {
             Error::Config(format!(
@@ -91,6 +93,7 @@ impl WeightSource {
             file,
             path: path.to_path_buf(),
             unpermute: None,
+            dequantize,
         })
     }
 
@@ -147,6 +150,7 @@ impl WeightSource {
             file,
             path,
             unpermute,
+            ..
         } = self
         else {
             unreachable!("qtensor is only called on GGUF sources")
@@ -182,6 +186,12 @@ impl WeightSource {
     /// A matrix to multiply with: quantized weights stay quantized, float ones become `dtype`.
     pub fn linear(&mut self, name: &str, dtype: DType, device: &Device) -> Result<QMatMul> {
         match self {
+            WeightSource::Gguf {
+                dequantize: true, ..
+            } => Ok(QMatMul::Tensor(self.tensor(name, dtype, device)?)),
+            WeightSource::Gguf {
+                dequantize: true, ..
+            } => Ok(QMatMul::Tensor(self.tensor(name, dtype, device)?)),
             WeightSource::Gguf { .. } => {
                 let qt = self.qtensor(name, device)?;
                 match QMatMul::from_qtensor(qt)? {

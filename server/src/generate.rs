@@ -30,6 +30,9 @@ pub struct GenerateArgs {
     top_k: usize,
     #[arg(long)]
     seed: Option<u64>,
+    /// Dequantize GGUF weights to f32 at load.
+    #[arg(long)]
+    dequantize: bool,
     /// Stop strings (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -38,8 +41,14 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let path = pagoda_models::resolve_model_path(Some(&args.model))?;
     tracing::info!(model = %path.display(), "loading");
-    let loaded = pagoda_models::load(&path, &LoadOptions::default())
-        .with_context(|| format!("loading {}", path.display()))?;
+    let loaded = pagoda_models::load(
+        &path,
+        &LoadOptions {
+            dequantize: args.dequantize,
+            ..LoadOptions::default()
+        },
+    )
+    .with_context(|| format!("loading {}", path.display()))?;
     let engine = EngineHandle::start(loaded, EngineConfig::default())?;
     let prompt = if args.raw {
         Prompt::Text(args.prompt)
