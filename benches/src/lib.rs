@@ -1,1 +1,85 @@
+//! Benchmarks of the Pagoda engine. The binaries live in `src/bin/` (`cpu-bench`: prefill,
+//! single-stream and batched decode on the synchronous [`pagoda_engine::Engine`]); this library
+//! holds what they share:
+//!
+//! - [`MachineInfo`]: the facts a result must name (CPU model, cores, worker threads).
+//! - [`peak_rss_bytes`]: the process's peak resident set (`VmHWM`).
+//! - [`median`]: the statistic reported for repeated runs.
 
+/// The machine a benchmark ran on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineInfo {
+    /// `model name` from `/proc/cpuinfo` ("unknown" elsewhere).
+    pub cpu_model: String,
+    /// Logical CPUs this process may use (`available_parallelism`).
+    pub num_cores: usize,
+    /// Threads of the global rayon pool (paged attention and candle's quantized matmuls).
+    pub num_rayon_threads: usize,
+    /// Threads candle uses for its float matmuls (`candle_core::utils::get_num_threads`).
+    pub num_candle_threads: usize,
+}
+
+impl MachineInfo {
+    pub fn detect() -> Self {
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".to_string());
+        Self {
+            cpu_model,
+            num_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            num_rayon_threads: rayon::current_num_threads(),
+            num_candle_threads: candle_core::utils::get_num_threads(),
+        }
+    }
+}
+
+/// Peak resident set size of this process in bytes (`VmHWM` in `/proc/self/status`); `None`
+/// where that file does not exist.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Median of `xs` (mean of the middle two for an even count); NaN when empty.
+pub fn median(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_odd_even_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn machine_info_is_sane() {
+        let m = MachineInfo::detect();
+        assert!(m.num_cores >= 1 && m.num_rayon_threads >= 1);
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_bytes().unwrap() > 0);
+        }
+    }
+}

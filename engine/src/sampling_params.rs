@@ -1,5 +1,8 @@
 //! Per-request generation settings, in token space (stop strings live at the edge).
 
+/// `max_tokens` value meaning "as many as fit".
+pub const MAX_TOKENS_AUTO: usize = usize::MAX;
+
 /// The largest `top_logprobs` a request may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
@@ -26,7 +29,8 @@ pub struct SamplingParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// Same seed, same tokens, whatever else shares the batch. `None` = random.
     pub seed: Option<u64>,
-    /// Most tokens to generate.
+    /// Most tokens to generate; [`MAX_TOKENS_AUTO`] means as many as the context and the KV
+    /// pool leave room for (the validator fills in the number).
     pub max_tokens: usize,
     /// End-of-generation tokens are suppressed until this many tokens were generated.
     pub min_tokens: usize,

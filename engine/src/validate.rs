@@ -6,7 +6,7 @@ use std::sync::Arc;
 use pagoda_models::chat_template::ChatMessage;
 use pagoda_models::tokenizer::ModelTokenizer;
 
-use crate::sampling_params::MAX_TOP_LOGPROBS;
+use crate::sampling_params::{MAX_TOKENS_AUTO, MAX_TOP_LOGPROBS};
 use crate::{EngineError, SamplingParams};
 
 /// What to complete.
@@ -190,6 +190,16 @@ impl Validator {
         if prompt_tokens.is_empty() {
             return Err(EngineError::invalid("prompt", "the prompt is empty"));
         }
+        let mut req = req;
+        if req.params.max_tokens == MAX_TOKENS_AUTO {
+            let room = self
+                .max_context_len
+                .min(self.max_pool_tokens)
+                .saturating_sub(prompt_tokens.len());
+            req.params.max_tokens = room.max(1);
+            req.params.min_tokens = req.params.min_tokens.min(req.params.max_tokens);
+        }
+        let p = &req.params;
         let total = prompt_tokens.len() + p.max_tokens;
         if total > self.max_context_len {
             return Err(EngineError::ContextLength(format!(

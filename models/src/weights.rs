@@ -189,9 +189,6 @@ impl WeightSource {
             WeightSource::Gguf {
                 dequantize: true, ..
             } => Ok(QMatMul::Tensor(self.tensor(name, dtype, device)?)),
-            WeightSource::Gguf {
-                dequantize: true, ..
-            } => Ok(QMatMul::Tensor(self.tensor(name, dtype, device)?)),
             WeightSource::Gguf { .. } => {
                 let qt = self.qtensor(name, device)?;
                 match QMatMul::from_qtensor(qt)? {

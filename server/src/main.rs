@@ -16,6 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible API.
+    Serve(pagoda_server::serve::ServeArgs),
     /// Generate an answer for one prompt and print it as it streams.
     Generate(generate::GenerateArgs),
 }
@@ -30,5 +32,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(pagoda_server::serve::run(args)),
     }
 }

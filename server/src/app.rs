@@ -1,0 +1,237 @@
+//! The router, shared state and the small pieces every handler uses (auth, body parsing, SSE).
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::{header, request::Parts, StatusCode, Uri};
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures::StreamExt;
+use pagoda_engine::EngineHandle;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::metrics::METRICS;
+
+pub const FINGERPRINT: &str = concat!("pagoda-", env!("CARGO_PKG_VERSION"));
+/// Largest request body.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+pub struct AppState {
+    /// Set once the model is loaded and warmed up.
+    pub engine: OnceLock<EngineHandle>,
+    pub served_model_name: String,
+    pub api_key: Option<String>,
+    pub shutting_down: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(served_model_name: String, api_key: Option<String>) -> Arc<Self> {
+        Arc::new(Self {
+            engine: OnceLock::new(),
+            served_model_name,
+            api_key,
+            shutting_down: AtomicBool::new(false),
+            next_id: AtomicU64::new(unix_now()),
+        })
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An authenticated request's view of the server.
+#[derive(Clone)]
+pub struct Ctx(pub Arc<AppState>);
+
+impl FromRequestParts<Arc<AppState>> for Ctx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        if let Some(key) = &state.api_key {
+            let given = parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if given != Some(key.as_str()) {
+                return Err(ApiError::unauthorized());
+            }
+        }
+        Ok(Ctx(state.clone()))
+    }
+}
+
+impl Ctx {
+    pub fn engine(&self) -> Result<EngineHandle, ApiError> {
+        if self.0.shutting_down.load(Ordering::Relaxed) {
+            return Err(ApiError::unavailable("the server is shutting down"));
+        }
+        self.0
+            .engine
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::unavailable("the model is still loading; retry shortly"))
+    }
+
+    pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.0.served_model_name {
+            Ok(())
+        } else {
+            Err(ApiError::model_not_found(model))
+        }
+    }
+
+    pub fn new_id(&self) -> String {
+        format!("{:x}", self.0.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// A token's text for logprobs.
+    pub fn token_text(&self, id: u32) -> String {
+        self.0
+            .engine
+            .get()
+            .and_then(|e| e.tokenizer().decode(&[id], false).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// The raw body of a JSON request: content type checked, size limited.
+pub struct JsonBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or("(not text)");
+            let essence = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if essence != "application/json" {
+                return Err(ApiError::unsupported_media_type(ct));
+            }
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| ApiError::payload_too_large(MAX_BODY_BYTES))?;
+        Ok(JsonBody(bytes))
+    }
+}
+
+/// Parses JSON into an OpenAI request type; syntax and type errors are 400s that say where.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid_json(
+            "the request body is empty; expected a JSON object",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            ApiError::bad_request(None, format!("invalid request: {e}"))
+        } else {
+            ApiError::invalid_json(format!("the request body is not valid JSON: {e}"))
+        }
+    })
+}
+
+/// SSE events produced by a task; when the client goes, the next send fails and the task ends.
+pub fn event_stream<F, Fut>(f: F) -> impl futures::Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "shutting_down"})),
+        )
+            .into_response();
+    }
+    match state.engine.get() {
+        Some(_) => axum::Json(json!({"status": "ok"})).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn models(ctx: Ctx) -> Response {
+    let state = &ctx.0;
+    let max_model_len = state.engine.get().map(|e| e.info().max_context_len);
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.served_model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "pagoda",
+            "root": state.engine.get().map(|e| e.info().name.clone()),
+            "parent": null,
+            "max_model_len": max_model_len,
+        }],
+    }))
+    .into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let stats = match state.engine.get() {
+        Some(e) => e.stats().await.ok(),
+        None => None,
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        METRICS.render(stats),
+    )
+        .into_response()
+}
+
+async fn chat(ctx: Ctx, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    crate::routes::chat::chat_completions(ctx, body).await
+}
+
+async fn completions(ctx: Ctx, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    crate::routes::completions::completions(ctx, body).await
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}

@@ -1,0 +1,224 @@
+//! `POST /v1/chat/completions`.
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use pagoda_engine::{Prompt, TokenInfo};
+use pagoda_models::chat_template::ChatMessage;
+use serde_json::json;
+
+use crate::app::{parse_json, Ctx};
+use crate::error::ApiError;
+use crate::generation::{self, finish_reason};
+use crate::openai::{
+    ChatCompletionRequest, ChatLogprobs, ChatTokenLogprob, ContentPart, MessageContent, TopLogprob,
+    Usage,
+};
+
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+fn messages(req: &mut ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request(
+            Some("messages"),
+            "`messages` must contain at least one message",
+        ));
+    }
+    let mut out = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.drain(..).enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(ApiError::bad_request(
+                Some("messages"),
+                format!(
+                    "messages[{i}].role must be one of {ROLES:?}, got {:?}",
+                    m.role
+                ),
+            ));
+        }
+        let content = match m.content {
+            None => String::new(),
+            Some(MessageContent::Text(t)) => t,
+            Some(MessageContent::Parts(parts)) => text_of(i, parts)?,
+        };
+        out.push(ChatMessage {
+            role: m.role,
+            content,
+        });
+    }
+    Ok(out)
+}
+
+fn text_of(i: usize, parts: Vec<ContentPart>) -> Result<String, ApiError> {
+    let mut text = String::new();
+    for p in parts {
+        match (p.kind.as_str(), p.text) {
+            ("text", Some(t)) => text.push_str(&t),
+            ("text", None) => {
+                return Err(ApiError::bad_request(
+                    Some("messages"),
+                    format!("messages[{i}]: a text part needs `text`"),
+                ))
+            }
+            ("image_url" | "input_image" | "image", _) => {
+                return Err(ApiError::bad_request(
+                    Some("messages"),
+                    "images are not supported by this model",
+                ))
+            }
+            (other, _) => {
+                return Err(ApiError::bad_request(
+                    Some("messages"),
+                    format!("messages[{i}]: content part type {other:?} is not supported"),
+                ))
+            }
+        }
+    }
+    Ok(text)
+}
+
+fn logprobs(ctx: &Ctx, tokens: &[TokenInfo]) -> ChatLogprobs {
+    let entry = |id: u32, logprob: f32| {
+        let token = ctx.token_text(id);
+        TopLogprob {
+            bytes: token.clone().into_bytes(),
+            token,
+            logprob,
+        }
+    };
+    ChatLogprobs {
+        content: tokens
+            .iter()
+            .map(|t| {
+                let e = entry(t.id, t.logprob);
+                ChatTokenLogprob {
+                    token: e.token,
+                    logprob: e.logprob,
+                    bytes: e.bytes,
+                    top_logprobs: t
+                        .top_logprobs
+                        .iter()
+                        .map(|&(id, lp)| entry(id, lp))
+                        .collect(),
+                }
+            })
+            .collect(),
+    }
+}
+
+pub async fn chat_completions(ctx: Ctx, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let mut req: ChatCompletionRequest = parse_json(&body)?;
+    ctx.check_model(&req.model)?;
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    let top = match req.top_logprobs {
+        None => 0,
+        Some(k) if (0..=20).contains(&k) => k as usize,
+        Some(k) => {
+            return Err(ApiError::bad_request(
+                Some("top_logprobs"),
+                format!("`top_logprobs` must be between 0 and 20, got {k}"),
+            ))
+        }
+    };
+    if req.top_logprobs.is_some() && !want_logprobs {
+        return Err(ApiError::bad_request(
+            Some("top_logprobs"),
+            "`top_logprobs` requires `logprobs: true`",
+        ));
+    }
+    let messages = messages(&mut req)?;
+    let opts = generation::options(
+        std::mem::take(&mut req.sampling),
+        want_logprobs.then_some(top),
+    )?;
+    let engine = ctx.engine()?;
+    let streams =
+        generation::submit_all(&engine, generation::choices(Prompt::Chat(messages), &opts)).await?;
+    let id = format!("chatcmpl-{}", ctx.new_id());
+    let created = crate::app::unix_now();
+    let model = req.model;
+
+    if !opts.stream {
+        let choices = generation::collect_all(streams).await?;
+        let prompt_tokens = choices.first().map_or(0, |c| c.num_prompt_tokens);
+        let completion_tokens = choices.iter().map(|c| c.tokens.len()).sum();
+        let body = json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": crate::app::FINGERPRINT,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": want_logprobs.then(|| logprobs(&ctx, &c.tokens)),
+                "finish_reason": finish_reason(c.finish_reason),
+            })).collect::<Vec<_>>(),
+            "usage": Usage::new(prompt_tokens, completion_tokens),
+        });
+        return Ok(axum::Json(body).into_response());
+    }
+
+    let n = opts.n;
+    let include_usage = opts.include_usage;
+    let mut events = generation::forward_all(streams);
+    let chunk = move |choices: serde_json::Value, usage: Option<Usage>| {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": crate::app::FINGERPRINT, "choices": choices,
+        });
+        if include_usage {
+            c["usage"] = json!(usage);
+        }
+        Event::default().data(c.to_string())
+    };
+    let stream = crate::app::event_stream(move |tx| async move {
+        for i in 0..n {
+            let first = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+            if tx.send(chunk(first, None)).await.is_err() {
+                return;
+            }
+        }
+        let mut prompt_tokens = 0;
+        let mut completion_tokens = 0;
+        let mut open = n;
+        while let Some(ev) = events.recv().await {
+            prompt_tokens = ev.num_prompt_tokens;
+            let out = match ev.output {
+                Ok(out) => out,
+                Err(e) => {
+                    let err = ApiError::from(e).body();
+                    let _ = tx.send(Event::default().data(err.to_string())).await;
+                    return;
+                }
+            };
+            completion_tokens += out.tokens.len();
+            if out.text.is_empty() && out.finish_reason.is_none() && !want_logprobs {
+                continue;
+            }
+            let lp = want_logprobs.then(|| logprobs(&ctx, &out.tokens));
+            let delta = if out.text.is_empty() {
+                json!({})
+            } else {
+                json!({"content": out.text})
+            };
+            let choice = json!([{"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason.map(finish_reason)}]);
+            if tx.send(chunk(choice, None)).await.is_err() {
+                return;
+            }
+            if out.finish_reason.is_some() {
+                open -= 1;
+                if open == 0 {
+                    break;
+                }
+            }
+        }
+        if include_usage {
+            let _ = tx
+                .send(chunk(
+                    json!([]),
+                    Some(Usage::new(prompt_tokens, completion_tokens)),
+                ))
+                .await;
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    Ok(Sse::new(stream).into_response())
+}

@@ -1,0 +1,3 @@
+//! The HTTP endpoints.
+pub mod chat;
+pub mod completions;

@@ -1,0 +1,195 @@
+//! `pagoda serve`: bind first (so `/health` answers 503 while loading), load and warm the model
+//! in the background, serve until SIGINT/SIGTERM, then drain for a grace period and stop.
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use std::future::IntoFuture;
+
+use anyhow::Context;
+use pagoda_engine::{EngineConfig, EngineHandle, SchedulerConfig};
+use pagoda_models::LoadOptions;
+
+use crate::app::{router, AppState};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// A GGUF file, a Hugging Face folder, or `default` (the default model in the cache).
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The name clients put in `model` (default: the model's file or folder name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Most requests computed together.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step (prompt chunks + decodes).
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// Requests allowed to wait beyond those running; more get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Require `Authorization: Bearer KEY` on the API.
+    #[arg(long, env = "PAGODA_API_KEY")]
+    pub api_key: Option<String>,
+    /// KV pool size in blocks (wins over --kv-cache-memory).
+    #[arg(long)]
+    pub num_blocks: Option<usize>,
+    /// KV pool size in bytes.
+    #[arg(long)]
+    pub kv_cache_memory: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Dequantize GGUF weights to f32 at load.
+    #[arg(long)]
+    pub dequantize: bool,
+    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+fn served_name(args: &ServeArgs, path: &std::path::Path) -> String {
+    if let Some(n) = &args.served_model_name {
+        return n.clone();
+    }
+    let stem = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    let stem = stem
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    // "SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct"
+    match stem.rsplit_once('.') {
+        Some((base, quant))
+            if quant.starts_with(['Q', 'q', 'F', 'f', 'B', 'b', 'I']) && !base.is_empty() =>
+        {
+            base.to_string()
+        }
+        _ => stem,
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let path = pagoda_models::resolve_model_path(Some(&args.model))?;
+    let state = AppState::new(served_name(&args, &path), args.api_key.clone());
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .context("invalid --host/--port")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(address = %listener.local_addr()?, "listening (the model is loading; /health says 503 until it is ready)");
+
+    let config = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_num_seqs: args.max_num_seqs,
+        },
+        block_size: args.block_size,
+        num_blocks: args.num_blocks,
+        kv_cache_memory: args.kv_cache_memory,
+        max_waiting: args.max_waiting,
+    };
+    let loader_state = state.clone();
+    let dequantize = args.dequantize;
+    let loading = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let opts = LoadOptions {
+            dequantize,
+            ..LoadOptions::default()
+        };
+        let loaded = pagoda_models::load(&path, &opts)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let c = &loaded.config;
+        tracing::info!(
+            model = %path.display(),
+            architecture = %c.architecture,
+            layers = c.num_layers,
+            hidden = c.hidden_size,
+            vocab = c.vocab_size,
+            context = c.max_position_embeddings,
+            "model loaded"
+        );
+        let engine = EngineHandle::start(loaded, config)?;
+        let info = engine.info();
+        tracing::info!(
+            served_model_name = %loader_state.served_model_name,
+            kv_blocks = info.num_blocks,
+            kv_tokens = info.num_blocks * info.block_size,
+            block_size = info.block_size,
+            secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+            "ready"
+        );
+        let _ = loader_state.engine.set(engine);
+        Ok(())
+    });
+
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let app = router(state.clone());
+    let notify = shutdown.clone();
+    let signal_state = state.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new requests; draining in-flight ones");
+        signal_state.shutting_down.store(true, Ordering::Relaxed);
+        notify.notify_one();
+    });
+    let grace = Duration::from_secs(args.shutdown_timeout);
+    let grace_over = async {
+        shutdown.notified().await;
+        tokio::time::sleep(grace).await;
+    };
+    let mut server = std::pin::pin!(server.into_future());
+    let mut grace_over = std::pin::pin!(grace_over);
+    let mut loading = loading;
+    let mut loaded = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut server => break r.map_err(anyhow::Error::from),
+            r = &mut loading, if !loaded => {
+                loaded = true;
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(e) => break Err(anyhow::anyhow!("model loading failed: {e}")),
+                }
+            }
+            _ = &mut grace_over => {
+                tracing::warn!("grace period over; aborting what is still running");
+                break Ok(());
+            }
+        }
+    };
+    if let Some(engine) = state.engine.get() {
+        engine.shutdown();
+    }
+    result
+}
