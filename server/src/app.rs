@@ -20,6 +20,8 @@ use crate::metrics::METRICS;
 pub const FINGERPRINT: &str = concat!("pagoda-", env!("CARGO_PKG_VERSION"));
 /// Largest request body.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
+/// An oversized body is drained up to this much before the 413 (then the connection closes).
+const MAX_DRAIN_BYTES: usize = 64 << 20;
 
 pub struct AppState {
     /// Set once the model is loaded and warmed up.
@@ -126,10 +128,26 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
                 return Err(ApiError::unsupported_media_type(ct));
             }
         }
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| ApiError::payload_too_large(MAX_BODY_BYTES))?;
-        Ok(JsonBody(bytes))
+        // Past the limit the rest is read and dropped (up to a point), so the client is still
+        // listening when the 413 goes out.
+        let mut body = req.into_body().into_data_stream();
+        let mut buf = Vec::new();
+        let mut total = 0usize;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request(None, format!("cannot read the request body: {e}"))
+            })?;
+            total += chunk.len();
+            if total <= MAX_BODY_BYTES {
+                buf.extend_from_slice(&chunk);
+            } else if total > MAX_DRAIN_BYTES {
+                break;
+            }
+        }
+        if total > MAX_BODY_BYTES {
+            return Err(ApiError::payload_too_large(MAX_BODY_BYTES));
+        }
+        Ok(JsonBody(buf.into()))
     }
 }
 
