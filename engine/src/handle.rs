@@ -27,7 +27,7 @@ pub enum EngineEvent {
 
 enum Command {
     Add {
-        request: Request,
+        request: Box<Request>,
         events: tmpsc::UnboundedSender<EngineEvent>,
     },
     Abort(RequestId),
@@ -170,7 +170,7 @@ impl EngineHandle {
         self.inner
             .commands
             .send(Command::Add {
-                request,
+                request: Box::new(request),
                 events: tx,
             })
             .map_err(|_| EngineError::Unavailable)?;
@@ -288,7 +288,7 @@ fn apply(
     match cmd {
         Command::Add { request, events } => {
             senders.insert(request.id, events);
-            engine.add(request);
+            engine.add(*request);
         }
         Command::Abort(id) => {
             engine.abort(id);

@@ -238,14 +238,13 @@ struct PagedAttention<'a> {
 }
 
 impl PagedAttention<'_> {
-    /// One query token against its context, all heads. `out` is `[H, D]`.
+    /// One query token (at `pos` of sequence `seq`) against its context, all heads.
+    /// `out` is `[H, D]`; `scores` is scratch.
     fn attend_token<T: WithDType>(
         &self,
         q: &[f32],
-        k: &[T],
-        v: &[T],
-        seq: usize,
-        pos: usize,
+        (k, v): (&[T], &[T]),
+        (seq, pos): (usize, usize),
         out: &mut [f32],
         scores: &mut Vec<f32>,
     ) {
@@ -308,7 +307,7 @@ impl PagedAttention<'_> {
             .zip(q.par_chunks(width))
             .zip(owner.par_iter())
             .for_each_init(Vec::new, |scores, ((o, qt), &(seq, pos))| {
-                self.attend_token(qt, k, v, seq, pos, o, scores)
+                self.attend_token(qt, (k, v), (seq, pos), o, scores)
             });
         out
     }

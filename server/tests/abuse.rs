@@ -498,7 +498,7 @@ async fn overload_gets_429_and_admitted_requests_complete() {
                     .as_str()
                     .unwrap()
                     .is_empty());
-                assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0, true);
+                assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
             }
             429 => {
                 busy += 1;
