@@ -4,6 +4,7 @@
 //!
 //! - [`MachineInfo`]: the facts a result must name (CPU model, cores, worker threads).
 //! - [`peak_rss_bytes`]: the process's peak resident set (`VmHWM`).
+//! - [`load_average`], [`process_cpu_time`]: how much of the machine the run really had.
 //! - [`median`]: the statistic reported for repeated runs.
 
 /// The machine a benchmark ran on.
@@ -48,6 +49,26 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`). On a shared machine a load above
+/// the number of cores means the benchmark competed for the CPU.
+pub fn load_average() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = text.split_whitespace().map(|x| x.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+/// User + system CPU time of this process, all threads (`/proc/self/stat`; Linux's `USER_HZ`
+/// is 100 on every architecture it reports through this file).
+pub fn process_cpu_time() -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(std::time::Duration::from_millis((utime + stime) * 10))
+}
+
 /// Median of `xs` (mean of the middle two for an even count); NaN when empty.
 pub fn median(xs: &[f64]) -> f64 {
     if xs.is_empty() {
@@ -80,6 +101,8 @@ mod tests {
         assert!(m.num_cores >= 1 && m.num_rayon_threads >= 1);
         if cfg!(target_os = "linux") {
             assert!(peak_rss_bytes().unwrap() > 0);
+            assert!(load_average().is_some());
+            assert!(process_cpu_time().is_some());
         }
     }
 }

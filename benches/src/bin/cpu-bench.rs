@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use pagoda_benches::{median, peak_rss_bytes, MachineInfo};
+use pagoda_benches::{load_average, median, peak_rss_bytes, process_cpu_time, MachineInfo};
 use pagoda_engine::request::Request;
 use pagoda_engine::scheduler::RequestOutput;
 use pagoda_engine::{Engine, EngineConfig, RequestId, SamplingParams, SchedulerConfig};
@@ -229,6 +229,9 @@ fn main() -> Result<()> {
     let prompt = prompt_tokens(&paragraph_ids, 0, args.prompt_len);
     decode_once(&mut bench, std::slice::from_ref(&prompt), 4)?;
 
+    let load_before = load_average();
+    let cpu_before = process_cpu_time();
+    let timed_start = Instant::now();
     let mut prefill = Vec::with_capacity(args.prefill_runs);
     for _ in 0..args.prefill_runs {
         let run = prefill_once(&mut bench, &prompt)?;
@@ -279,6 +282,15 @@ fn main() -> Result<()> {
         bench.engine.stats().num_preemptions == 0,
         "the KV pool was too small: requests were preempted"
     );
+    let timed_wall = timed_start.elapsed();
+    let load_after = load_average();
+    // Share of all cores this process kept busy during the timed runs.
+    let cpu_share = match (cpu_before, process_cpu_time()) {
+        (Some(a), Some(b)) => {
+            Some((b - a).as_secs_f64() / (timed_wall.as_secs_f64() * machine.num_cores as f64))
+        }
+        _ => None,
+    };
     let peak_rss = peak_rss_bytes();
 
     let weights = if args.dequantize {
@@ -308,6 +320,15 @@ fn main() -> Result<()> {
         BLOCK_SIZE,
         mib(kv_bytes as u64),
         load_time.as_secs_f64()
+    );
+    let fmt_load = |l: Option<[f64; 3]>| l.map_or("n/a".to_string(), |l| format!("{:.2}", l[0]));
+    println!(
+        "load:    1-min load average {} before, {} after the timed runs; this process used {} of the {} cores over {:.1} s",
+        fmt_load(load_before),
+        fmt_load(load_after),
+        cpu_share.map_or("n/a".to_string(), |s| format!("{:.0}%", s * 100.0)),
+        machine.num_cores,
+        timed_wall.as_secs_f64()
     );
     println!();
     println!("| metric | value | detail |");
@@ -373,6 +394,10 @@ fn main() -> Result<()> {
                 "prefill_s": batched.time_to_first_tokens.as_secs_f64(),
             },
             "peak_rss_bytes": peak_rss,
+            "load_average_1m_before": load_before.map(|l| l[0]),
+            "load_average_1m_after": load_after.map(|l| l[0]),
+            "timed_wall_s": timed_wall.as_secs_f64(),
+            "cpu_share_of_all_cores": cpu_share,
         });
         std::fs::write(json_path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", json_path.display()))?;
