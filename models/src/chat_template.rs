@@ -318,7 +318,11 @@ mod tests {
         // Loop controls, as Hugging Face's renderer allows.
         let src = "{% for m in messages %}{{ m.content }}{% break %}{% endfor %}";
         let t = ChatTemplate::new(src, None, None).unwrap();
-        assert_eq!(t.render(&msgs(&[("user", "a"), ("user", "b")]), false).unwrap(), "a");
+        assert_eq!(
+            t.render(&msgs(&[("user", "a"), ("user", "b")]), false)
+                .unwrap(),
+            "a"
+        );
     }
 
     /// Shortened Llama-3.x Instruct template (same structure as Meta's).

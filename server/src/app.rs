@@ -253,3 +253,58 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    async fn call(app: Router, req: axum::http::Request<Body>) -> (StatusCode, serde_json::Value) {
+        let res = app.oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    fn chat_request() -> axum::http::Request<Body> {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]});
+        axum::http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn while_loading_health_and_api_answer_503() {
+        let state = AppState::new("m".into(), None);
+        let (status, v) = call(
+            router(state.clone()),
+            axum::http::Request::get("/health")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["status"], "loading");
+        let (status, v) = call(router(state.clone()), chat_request()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(v["error"]["message"].as_str().unwrap().contains("loading"));
+        assert_eq!(v["error"]["type"], "server_error");
+
+        state.shutting_down.store(true, Ordering::Relaxed);
+        let (status, v) = call(
+            router(state.clone()),
+            axum::http::Request::get("/health")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["status"], "shutting_down");
+        let (status, _) = call(router(state), chat_request()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
