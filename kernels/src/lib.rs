@@ -6,11 +6,20 @@
 //!   tokens over the paged cache ([`paged_attention`]) — one op for prefill, chunked prefill and
 //!   decode.
 //!
+//! - [`device`]: the one place that knows whether CUDA is compiled in and present.
+//!
+//! Every op has a CPU implementation (the reference) and, with the `cuda` feature, a CUDA one
+//! (`src/cuda/*.cu`); tests run one body on each compiled device.
+//!
 //! Shapes (T = tokens in the step, H = query heads, KVH = key/value heads, D = head dim,
 //! NB = blocks in the pool, BS = block size):
 //! - queries `[T, H, D]`, new keys/values `[T, KVH, D]`;
 //! - cache `[NB, BS, KVH, D]` for keys and for values;
 //! - output `[T, H, D]`.
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod device;
 pub mod paged;
 
+pub use device::{select_device, DeviceChoice};
 pub use paged::{paged_attention, reshape_and_cache, AttentionMetadata, PagedKvLayer};

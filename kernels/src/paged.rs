@@ -178,6 +178,17 @@ impl candle_core::InplaceOp2 for WriteSlots<'_> {
         "reshape-and-cache"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        src: &candle_core::CudaStorage,
+        src_l: &Layout,
+    ) -> Result<()> {
+        crate::cuda::write_slots(dst, dst_l, src, src_l, self.slot_mapping)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &mut CpuStorage,
@@ -323,6 +334,25 @@ fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
 impl CustomOp3 for PagedAttention<'_> {
     fn name(&self) -> &'static str {
         "paged-attention"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = (
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.block_size,
+        );
+        crate::cuda::paged_attention(q, ql, (k, kl), (v, vl), self.meta, dims, self.scale)
     }
 
     fn cpu_fwd(

@@ -4,7 +4,6 @@ use std::io::Write;
 use anyhow::Context;
 use pagoda_engine::{EngineConfig, EngineHandle, GenerateRequest, Prompt, SamplingParams};
 use pagoda_models::chat_template::ChatMessage;
-use pagoda_models::LoadOptions;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -33,6 +32,12 @@ pub struct GenerateArgs {
     /// Dequantize GGUF weights to f32 at load.
     #[arg(long)]
     dequantize: bool,
+    /// Where to run: `cpu`, `cuda` or `auto`.
+    #[arg(long, default_value = "auto")]
+    device: pagoda_kernels::DeviceChoice,
+    /// `auto`, `f32`, `bf16` or `f16`.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Stop strings (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -41,14 +46,10 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let path = pagoda_models::resolve_model_path(Some(&args.model))?;
     tracing::info!(model = %path.display(), "loading");
-    let loaded = pagoda_models::load(
-        &path,
-        &LoadOptions {
-            dequantize: args.dequantize,
-            ..LoadOptions::default()
-        },
-    )
-    .with_context(|| format!("loading {}", path.display()))?;
+    let opts =
+        pagoda_server::serve::load_options(args.device, &args.dtype, args.dequantize, &path)?;
+    let loaded =
+        pagoda_models::load(&path, &opts).with_context(|| format!("loading {}", path.display()))?;
     let engine = EngineHandle::start(loaded, EngineConfig::default())?;
     let prompt = if args.raw {
         Prompt::Text(args.prompt)

@@ -9,6 +9,7 @@ use std::future::IntoFuture;
 
 use anyhow::Context;
 use pagoda_engine::{EngineConfig, EngineHandle, SchedulerConfig};
+use pagoda_kernels::DeviceChoice;
 use pagoda_models::LoadOptions;
 
 use crate::app::{router, AppState};
@@ -48,9 +49,42 @@ pub struct ServeArgs {
     /// Dequantize GGUF weights to f32 at load.
     #[arg(long)]
     pub dequantize: bool,
+    /// Where to run: `cpu`, `cuda`, or `auto` (CUDA when compiled in and a GPU answers).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Activation and KV-cache type: `auto` (f32 on CPU; bf16 on CUDA, f32 for quantized GGUF), `f32`, `bf16`, `f16`.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+}
+
+/// Device and float type for a model, logging when `auto` falls back to the CPU.
+pub fn load_options(
+    device: DeviceChoice,
+    dtype: &str,
+    dequantize: bool,
+    model: &std::path::Path,
+) -> anyhow::Result<LoadOptions> {
+    let selected = pagoda_kernels::select_device(device).map_err(anyhow::Error::msg)?;
+    if let Some(why) = &selected.fallback_reason {
+        tracing::info!("running on the CPU: {why}");
+    }
+    let quantized_gguf = model.is_file() && !dequantize;
+    let dtype = match dtype {
+        "auto" if selected.device.is_cuda() && !quantized_gguf => candle_core::DType::BF16,
+        "auto" | "f32" => candle_core::DType::F32,
+        "bf16" => candle_core::DType::BF16,
+        "f16" => candle_core::DType::F16,
+        other => anyhow::bail!("unknown --dtype {other:?} (auto, f32, bf16, f16)"),
+    };
+    tracing::info!(device = ?selected.device, ?dtype, "device");
+    Ok(LoadOptions {
+        device: selected.device,
+        dtype,
+        dequantize,
+    })
 }
 
 fn served_name(args: &ServeArgs, path: &std::path::Path) -> String {
@@ -119,13 +153,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_waiting: args.max_waiting,
     };
     let loader_state = state.clone();
-    let dequantize = args.dequantize;
+    let opts = load_options(args.device, &args.dtype, args.dequantize, &path)?;
     let loading = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let opts = LoadOptions {
-            dequantize,
-            ..LoadOptions::default()
-        };
         let loaded = pagoda_models::load(&path, &opts)
             .with_context(|| format!("loading {}", path.display()))?;
         let c = &loaded.config;

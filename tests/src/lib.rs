@@ -12,6 +12,16 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Every device this build can run on: the CPU, plus the GPU when compiled with `cuda` and
+/// one is present. Model tests run one body on each.
+pub fn devices() -> Vec<candle_core::Device> {
+    let mut out = vec![candle_core::Device::Cpu];
+    if let Ok(s) = pagoda_kernels::select_device(pagoda_kernels::DeviceChoice::Cuda) {
+        out.push(s.device);
+    }
+    out
+}
+
 /// The default model; tests that need it fail (not skip) when `scripts/fetch-model` didn't run.
 pub fn default_model() -> PathBuf {
     pagoda_models::resolve_model_path(None)

@@ -2,7 +2,7 @@
 //! `scripts/make-fixtures`), through the paged cache, for prefill, chunked prefill and decode;
 //! and GGUF == safetensors for the same weights.
 use pagoda_models::{load_weights, LoadOptions, Model};
-use pagoda_tests::{argmax, fixture, max_abs_diff, PagedRunner};
+use pagoda_tests::{argmax, devices, fixture, max_abs_diff, PagedRunner};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -59,11 +59,17 @@ fn check(
 }
 
 fn check_fixture(name: &str) {
-    let model = load_weights(&fixture(name), &LoadOptions::default()).unwrap();
     let exp = expected(name);
-    check(&model, &exp, usize::MAX, 16, TOL, true);
-    check(&model, &exp, 5, 4, TOL, true);
-    check(&model, &exp, 1, 16, TOL, true);
+    for device in devices() {
+        let opts = LoadOptions {
+            device,
+            ..LoadOptions::default()
+        };
+        let model = load_weights(&fixture(name), &opts).unwrap();
+        check(&model, &exp, usize::MAX, 16, TOL, true);
+        check(&model, &exp, 5, 4, TOL, true);
+        check(&model, &exp, 1, 16, TOL, true);
+    }
 }
 
 #[test]
@@ -83,14 +89,26 @@ fn tiny_qwen2_with_qkv_bias_matches_transformers() {
 
 #[test]
 fn gguf_f32_gives_the_safetensors_logits() {
-    let model = load_weights(&fixture("tiny-llama.gguf"), &LoadOptions::default()).unwrap();
-    check(&model, &expected("tiny-llama"), 7, 16, TOL, true);
+    for device in devices() {
+        let opts = LoadOptions {
+            device,
+            ..LoadOptions::default()
+        };
+        let model = load_weights(&fixture("tiny-llama.gguf"), &opts).unwrap();
+        check(&model, &expected("tiny-llama"), 7, 16, TOL, true);
+    }
 }
 
 #[test]
 fn gguf_q8_0_is_close_to_f32() {
-    let model = load_weights(&fixture("tiny-llama-q8_0.gguf"), &LoadOptions::default()).unwrap();
-    // Quantized weights and activations (logits up to ~19): a looser bound; the reference has a
-    // near-tie (0.02) among its greedy tokens, so its tokens are fed rather than re-derived.
-    check(&model, &expected("tiny-llama"), 21, 16, 0.5, false);
+    for device in devices() {
+        let opts = LoadOptions {
+            device,
+            ..LoadOptions::default()
+        };
+        let model = load_weights(&fixture("tiny-llama-q8_0.gguf"), &opts).unwrap();
+        // Quantized weights and activations (logits up to ~19): a looser bound; the reference has a
+        // near-tie (0.02) among its greedy tokens, so its tokens are fed rather than re-derived.
+        check(&model, &expected("tiny-llama"), 21, 16, 0.5, false);
+    }
 }

@@ -1,0 +1,74 @@
+//! The hardware seam: which device to run on. With the `cuda` feature off the same API compiles
+//! and says "built without CUDA".
+use candle_core::Device;
+
+/// What the user asked for (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+    /// CUDA when compiled in and a GPU answers, else CPU.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!("unknown device {other:?} (cpu, cuda or auto)")),
+        }
+    }
+}
+
+/// The chosen device, and why when `auto` fell back to the CPU.
+pub struct Selected {
+    pub device: Device,
+    pub fallback_reason: Option<String>,
+}
+
+/// Picks the device. `cuda` fails with a clear message when impossible; `auto` falls back.
+pub fn select_device(choice: DeviceChoice) -> Result<Selected, String> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Selected {
+            device: Device::Cpu,
+            fallback_reason: None,
+        }),
+        DeviceChoice::Cuda => cuda_device().map(|device| Selected {
+            device,
+            fallback_reason: None,
+        }),
+        DeviceChoice::Auto => Ok(match cuda_device() {
+            Ok(device) => Selected {
+                device,
+                fallback_reason: None,
+            },
+            Err(why) => Selected {
+                device: Device::Cpu,
+                fallback_reason: Some(why),
+            },
+        }),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<Device, String> {
+    // candle panics when libcuda is missing: look for it first.
+    if !candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() {
+        return Err("no CUDA driver library (libcuda.so) found".into());
+    }
+    std::panic::catch_unwind(|| Device::new_cuda(0))
+        .map_err(|_| "the CUDA driver could not be initialised".to_string())?
+        .map_err(|e| format!("no usable GPU: {e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> Result<Device, String> {
+    Err("this build of pagoda was compiled without CUDA (build with scripts/build-cuda)".into())
+}
+
+/// Whether this build has the CUDA path.
+pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
