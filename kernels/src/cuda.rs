@@ -45,11 +45,11 @@ pub fn write_slots(
     macro_rules! launch {
         ($kernel:literal, $d:expr, $s:expr) => {{
             let func = dev.get_or_load_custom_func($kernel, MODULE, PTX)?;
-            let d = $d.slice_mut(dr.clone());
+            let mut d = $d.slice_mut(dr.clone());
             let s = $s.slice(sr.clone());
             let mut b = func.builder();
             b.arg(&s);
-            b.arg(&d);
+            b.arg(&mut d);
             b.arg(&slots_dev);
             b.arg(&row);
             // SAFETY: the kernel writes `slots.len() * row` elements at slots the caller

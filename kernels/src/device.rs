@@ -57,7 +57,10 @@ pub fn select_device(choice: DeviceChoice) -> Result<Selected, String> {
 #[cfg(feature = "cuda")]
 fn cuda_device() -> Result<Device, String> {
     // candle panics when libcuda is missing: look for it first.
-    if !candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() {
+    // SAFETY: only tries to load the driver library; no driver call is made.
+    #[allow(unsafe_code)]
+    let present = unsafe { candle_core::cuda_backend::cudarc::driver::sys::is_culib_present() };
+    if !present {
         return Err("no CUDA driver library (libcuda.so) found".into());
     }
     std::panic::catch_unwind(|| Device::new_cuda(0))

@@ -130,7 +130,15 @@ fn run_case(
     assert_eq!(out.dims(), &[meta.num_tokens(), h, d]);
     let tol = if dtype == DType::F32 { 1e-5 } else { 3e-2 };
     for (i, s) in seqs.iter().enumerate() {
-        let round = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        // The reference runs on the CPU in f32 on the same (rounded) inputs.
+        let round = |t: &Tensor| {
+            t.to_dtype(dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap()
+        };
         let expected = reference(
             &round(&qs[i]),
             &round(&full_k[i]),
