@@ -19,6 +19,9 @@ rm -rf "$out"
 mkdir -p "$out"
 bin=$(scripts/build-cuda)
 xz -T2 -6 -c "$bin" > "$out/pagoda.xz"
+scripts/build-cuda -p pagoda-benches --bin gpu-bench >/dev/null
+strip -o build/cuda/gpu-bench build/cuda/target/release/gpu-bench
+xz -T2 -6 -c build/cuda/gpu-bench > "$out/gpu-bench.xz"
 # Test binaries: kernels (paged attention vs CPU) and model parity, built like the binary.
 tests=$(scripts/build-cuda test -p pagoda-kernels -p pagoda-tests 2>&1 |
   sed -n 's/.*Executable tests\/\(paged\|parity\|quant_formats\)\.rs (\(.*\))/\1 \2/p')

@@ -5,6 +5,8 @@
 #   benches/gpu/run.sh checks      kernel + parity tests (CPU and CUDA in one body)
 #   benches/gpu/run.sh model PART  store a part of the default GGUF under /tmp/pagoda (parts 1, 2)
 #   benches/gpu/run.sh generate    join the parts and generate with it on the GPU
+#   benches/gpu/run.sh bench       gpu-bench (random weights, real shapes) and the Hugging Face
+#                                  transformers baseline on the same shapes, in one run
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 carry=build/gpu-carry
@@ -34,5 +36,12 @@ case "${1:-checks}" in
       "$stash/bin/pagoda" generate $args --prompt "What is the capital of France?" --max-tokens 64 2>&1 | grep -v "^\s*$" | tail -n 4
       "$stash/bin/pagoda" generate $args --raw --prompt "Once upon a time" --max-tokens 200 2>&1 | grep "done" | tail -n 1
     done
+    ;;
+  bench)
+    b="$stash/bin/gpu-bench"
+    timeout 60 "$b" --shape smollm2-135m --num-requests 256 --prompt-len 128 --gen-len 128 --batch1-steps 256
+    timeout 270 "$b" --shape llama3-8b --num-requests "${2:-512}" --prompt-len 512 --gen-len 256
+    timeout 60 python3 benches/gpu/hf_baseline.py --shape smollm2-135m --batch 1 --gen-len 128
+    timeout 150 python3 benches/gpu/hf_baseline.py --shape llama3-8b --batch 1 32 --gen-len 128
     ;;
 esac

@@ -19,13 +19,13 @@ pub fn build_batch(out: &SchedulerOutput, scheduler: &Scheduler) -> ForwardBatch
         .unwrap_or(0);
     let mut batch = ForwardBatch {
         input_ids: Vec::with_capacity(out.num_batched_tokens),
-        attention: AttentionMetadata {
-            slot_mapping: Vec::with_capacity(out.num_batched_tokens),
-            query_start_loc: vec![0],
-            seq_lens: Vec::with_capacity(out.scheduled.len()),
-            block_tables: Vec::with_capacity(out.scheduled.len() * max_blocks_per_seq),
+        attention: AttentionMetadata::new(
+            Vec::with_capacity(out.num_batched_tokens),
+            vec![0],
+            Vec::with_capacity(out.scheduled.len()),
+            Vec::with_capacity(out.scheduled.len() * max_blocks_per_seq),
             max_blocks_per_seq,
-        },
+        ),
         logits_indices: Vec::new(),
     };
     for s in &out.scheduled {

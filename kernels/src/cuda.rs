@@ -4,9 +4,11 @@
 #![allow(unsafe_code)]
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{CudaStorage, Layout, Result, Shape};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
 
 use crate::paged::AttentionMetadata;
 
@@ -14,6 +16,32 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged.ptx"));
 const MODULE: &str = "pagoda_paged";
 /// Warps per block in `paged_attention_*` (the kernel's `WARPS`).
 const WARPS: u32 = 4;
+
+/// [`AttentionMetadata`] on the GPU: block tables, and each token's sequence and position.
+#[derive(Debug)]
+pub struct DeviceMetadata {
+    tables: CudaSlice<u32>,
+    token_seq: CudaSlice<u32>,
+    token_pos: CudaSlice<u32>,
+}
+
+/// Uploads the step's metadata on first use; every layer reuses it.
+fn uploaded<'a>(meta: &'a AttentionMetadata, dev: &CudaDevice) -> Result<&'a DeviceMetadata> {
+    if let Some(m) = meta.on_device.cell.get() {
+        return Ok(m);
+    }
+    let mut token_seq = Vec::with_capacity(meta.num_tokens());
+    for i in 0..meta.num_seqs() {
+        let n = (meta.query_start_loc[i + 1] - meta.query_start_loc[i]) as usize;
+        token_seq.extend(std::iter::repeat_n(i as u32, n));
+    }
+    let m = DeviceMetadata {
+        tables: dev.clone_htod(&meta.block_tables)?,
+        token_seq: dev.clone_htod(&token_seq)?,
+        token_pos: dev.clone_htod(&meta.positions())?,
+    };
+    Ok(meta.on_device.cell.get_or_init(|| Arc::new(m)))
+}
 
 fn range(l: &Layout) -> Result<std::ops::Range<usize>> {
     match l.contiguous_offsets() {
@@ -83,20 +111,16 @@ pub fn paged_attention(
     let dev = q.device().clone();
     let num_tokens = meta.num_tokens();
     let shape = Shape::from((num_tokens, num_heads, head_dim));
-    let mut token_seq = Vec::with_capacity(num_tokens);
-    for i in 0..meta.num_seqs() {
-        let n = (meta.query_start_loc[i + 1] - meta.query_start_loc[i]) as usize;
-        token_seq.extend(std::iter::repeat_n(i as u32, n));
-    }
-    let token_pos = meta.positions();
     // SAFETY: every element is written by the kernel below.
     let out = unsafe { dev.alloc::<f32>(num_tokens * num_heads * head_dim)? };
     if num_tokens == 0 {
         return Ok((CudaStorage::wrap_cuda_slice(out, dev), shape));
     }
-    let tables = dev.clone_htod(&meta.block_tables)?;
-    let token_seq = dev.clone_htod(&token_seq)?;
-    let token_pos = dev.clone_htod(&token_pos)?;
+    let DeviceMetadata {
+        tables,
+        token_seq,
+        token_pos,
+    } = uploaded(meta, &dev)?;
     let CudaStorageSlice::F32(qs) = &q.slice else {
         candle_core::bail!("paged_attention: queries must be f32");
     };
@@ -123,9 +147,9 @@ pub fn paged_attention(
             b.arg(&qs);
             b.arg(&kv);
             b.arg(&vv);
-            b.arg(&tables);
-            b.arg(&token_seq);
-            b.arg(&token_pos);
+            b.arg(tables);
+            b.arg(token_seq);
+            b.arg(token_pos);
             b.arg(&out);
             for d in &dims {
                 b.arg(d);

@@ -18,6 +18,7 @@
 //! - output `[T, H, D]`.
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod cpu_quant;
 pub mod device;
 pub mod paged;
 

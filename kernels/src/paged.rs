@@ -51,9 +51,44 @@ pub struct AttentionMetadata {
     /// `[num_seqs * max_blocks_per_seq]`, padded with 0.
     pub block_tables: Vec<u32>,
     pub max_blocks_per_seq: usize,
+    /// The same on the device, uploaded by the first CUDA kernel that needs it and shared by
+    /// every layer of the step. Build the metadata once per step; don't edit it after use.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) on_device: DeviceCopy,
+}
+
+/// Lazily uploaded device copy of the metadata (empty without CUDA). A clone starts empty, so
+/// an edited clone never reuses a stale upload.
+#[derive(Debug, Default)]
+pub(crate) struct DeviceCopy {
+    #[cfg(feature = "cuda")]
+    pub(crate) cell: std::sync::OnceLock<std::sync::Arc<crate::cuda::DeviceMetadata>>,
+}
+
+impl Clone for DeviceCopy {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
 }
 
 impl AttentionMetadata {
+    pub fn new(
+        slot_mapping: Vec<u32>,
+        query_start_loc: Vec<u32>,
+        seq_lens: Vec<u32>,
+        block_tables: Vec<u32>,
+        max_blocks_per_seq: usize,
+    ) -> Self {
+        Self {
+            slot_mapping,
+            query_start_loc,
+            seq_lens,
+            block_tables,
+            max_blocks_per_seq,
+            on_device: DeviceCopy::default(),
+        }
+    }
+
     pub fn num_seqs(&self) -> usize {
         self.seq_lens.len()
     }

@@ -96,11 +96,7 @@ fn run_case(
         tables.push(table);
     }
     // This step: the new tokens of every sequence, flattened.
-    let mut meta = AttentionMetadata {
-        max_blocks_per_seq: max_blocks,
-        query_start_loc: vec![0],
-        ..Default::default()
-    };
+    let mut meta = AttentionMetadata::new(Vec::new(), vec![0], Vec::new(), Vec::new(), max_blocks);
     let mut qs = Vec::new();
     let mut new_k = Vec::new();
     let mut new_v = Vec::new();
@@ -191,28 +187,16 @@ fn bad_metadata_is_an_error_not_a_panic() {
     let device = Device::Cpu;
     let cache = PagedKvLayer::zeros(4, 4, 1, 8, DType::F32, &device).unwrap();
     let q = Tensor::zeros((2, 2, 8), DType::F32, &device).unwrap();
-    let good = AttentionMetadata {
-        slot_mapping: vec![0, 1],
-        query_start_loc: vec![0, 2],
-        seq_lens: vec![2],
-        block_tables: vec![0],
-        max_blocks_per_seq: 1,
-    };
+    let good = AttentionMetadata::new(vec![0, 1], vec![0, 2], vec![2], vec![0], 1);
     assert!(paged_attention(&q, &cache, &good, 1.0).is_ok());
-    let out_of_pool = AttentionMetadata {
-        block_tables: vec![9],
-        ..good.clone()
-    };
+    let mut out_of_pool = good.clone();
+    out_of_pool.block_tables = vec![9];
     assert!(paged_attention(&q, &cache, &out_of_pool, 1.0).is_err());
-    let too_long = AttentionMetadata {
-        seq_lens: vec![5],
-        ..good.clone()
-    };
+    let mut too_long = good.clone();
+    too_long.seq_lens = vec![5];
     assert!(paged_attention(&q, &cache, &too_long, 1.0).is_err());
-    let bad_slot = AttentionMetadata {
-        slot_mapping: vec![0, 99],
-        ..good
-    };
+    let mut bad_slot = good;
+    bad_slot.slot_mapping = vec![0, 99];
     let k = Tensor::zeros((2, 1, 8), DType::F32, &device).unwrap();
     assert!(reshape_and_cache(&k, &k, &cache, &bad_slot.slot_mapping).is_err());
 }

@@ -217,3 +217,45 @@ impl LlamaConfig {
             .collect()
     }
 }
+
+impl LlamaConfig {
+    /// Llama-3-8B's shape (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab 128256).
+    pub fn llama3_8b() -> Self {
+        Self {
+            architecture: "llama".into(),
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_layers: 32,
+            num_heads: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            vocab_size: 128256,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500000.0,
+            rope_scaling: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: false,
+            attention_bias: false,
+        }
+    }
+
+    /// SmolLM2-135M's shape.
+    pub fn smollm2_135m() -> Self {
+        Self {
+            architecture: "llama".into(),
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_layers: 30,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            vocab_size: 49152,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100000.0,
+            rope_scaling: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            attention_bias: false,
+        }
+    }
+}

@@ -215,3 +215,61 @@ pub fn progress_bar(len: u64, message: &'static str) -> ProgressBar {
     }
     bar
 }
+
+/// Random weights for a Llama-family config, made directly on `device` (for benchmarks of real
+/// shapes without a model file). Linear layers ~ N(0, 1/in_features), norms 1, embeddings N(0, 1).
+pub fn random_llama_weights(
+    cfg: &crate::config::LlamaConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<WeightSource> {
+    let (h, d) = (cfg.hidden_size, cfg.head_dim);
+    let mut t = HashMap::new();
+    let mut linear = |name: String, rows: usize, cols: usize| -> Result<()> {
+        let w = Tensor::randn(0f32, 1.0 / (cols as f32).sqrt(), (rows, cols), device)?
+            .to_dtype(dtype)?;
+        t.insert(name, w);
+        Ok(())
+    };
+    linear("model.embed_tokens.weight".into(), cfg.vocab_size, h)?;
+    linear("lm_head.weight".into(), cfg.vocab_size, h)?;
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        linear(format!("{p}.self_attn.q_proj.weight"), cfg.num_heads * d, h)?;
+        linear(
+            format!("{p}.self_attn.k_proj.weight"),
+            cfg.num_kv_heads * d,
+            h,
+        )?;
+        linear(
+            format!("{p}.self_attn.v_proj.weight"),
+            cfg.num_kv_heads * d,
+            h,
+        )?;
+        linear(format!("{p}.self_attn.o_proj.weight"), h, cfg.num_heads * d)?;
+        linear(
+            format!("{p}.mlp.gate_proj.weight"),
+            cfg.intermediate_size,
+            h,
+        )?;
+        linear(format!("{p}.mlp.up_proj.weight"), cfg.intermediate_size, h)?;
+        linear(
+            format!("{p}.mlp.down_proj.weight"),
+            h,
+            cfg.intermediate_size,
+        )?;
+    }
+    let ones = Tensor::ones(h, dtype, device)?;
+    for i in 0..cfg.num_layers {
+        t.insert(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            ones.clone(),
+        );
+        t.insert(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            ones.clone(),
+        );
+    }
+    t.insert("model.norm.weight".into(), ones);
+    Ok(WeightSource::Safetensors(t))
+}

@@ -65,15 +65,15 @@ impl PagedRunner {
         self.tokens.extend_from_slice(new);
         let end = self.tokens.len();
         let num_blocks = end.div_ceil(bs);
-        let attention = AttentionMetadata {
-            slot_mapping: (start..end)
+        let attention = AttentionMetadata::new(
+            (start..end)
                 .map(|p| self.table[p / bs] * bs as u32 + (p % bs) as u32)
                 .collect(),
-            query_start_loc: vec![0, new.len() as u32],
-            seq_lens: vec![end as u32],
-            block_tables: self.table[..num_blocks].to_vec(),
-            max_blocks_per_seq: num_blocks,
-        };
+            vec![0, new.len() as u32],
+            vec![end as u32],
+            self.table[..num_blocks].to_vec(),
+            num_blocks,
+        );
         let batch = ForwardBatch {
             input_ids: new.to_vec(),
             attention,
