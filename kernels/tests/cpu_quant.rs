@@ -335,6 +335,17 @@ fn bench_model_step() {
             w.forward(x_for(w.cols())).unwrap();
         }
     });
+    let xv: Vec<Vec<f32>> = xs.iter().map(|x| x.flatten_all().unwrap().to_vec1().unwrap()).collect();
+    let mut y = vec![0f32; 49152];
+    for threading in [Threading::CandlePool, Threading::Rayon, Threading::Single] {
+        let options = MatmulOptions { threading, ..MatmulOptions::default() };
+        let t = median_secs(10, budget, || {
+            for w in &ours {
+                w.matmul_with(&xv[usize::from(w.cols() == 1536)], 1, &mut y[..w.rows()], options);
+            }
+        });
+        println!("  matmul_with {threading:?}: {:.2} ms", t * 1e3);
+    }
     println!(
         "decode step matmuls ({:.1} MB): candle {:.2} ms ({:.0} tok/s), ours {:.2} ms ({:.0} tok/s, {:.1} GB/s), {:.2}x",
         bytes as f64 / 1e6,

@@ -146,6 +146,8 @@ fn run_case(
             .i(start..start + s.new)
             .unwrap()
             .to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
             .unwrap();
         let diff = (got - expected)
             .unwrap()

@@ -220,9 +220,11 @@ impl CpuQMatrix {
             return num_groups;
         }
         let work_per_group = (self.packed.group_bytes() * m).max(1);
-        MIN_TASK_WORK
+        let min_task_work: usize = std::env::var("TMP_MIN_TASK_WORK").ok().and_then(|s| s.parse().ok()).unwrap_or(MIN_TASK_WORK);
+        let tpt: usize = std::env::var("TMP_TPT").ok().and_then(|s| s.parse().ok()).unwrap_or(TASKS_PER_THREAD);
+        min_task_work
             .div_ceil(work_per_group)
-            .max(num_groups.div_ceil(num_threads * TASKS_PER_THREAD))
+            .max(num_groups.div_ceil(num_threads * tpt))
             .max(num_groups.div_ceil(MAX_TASKS))
             .min(num_groups)
     }

@@ -144,8 +144,16 @@ impl<'a, const MT: usize> TileActs<'a, MT> {
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn load_line(line: &Line) -> __m512i {
+    let p = (line as *const Line).cast::<i8>();
+    // SAFETY: prefetching never faults; the address is only computed (wrapping), not read.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(pf_dist())) };
     // SAFETY: a `Line` is 64 readable bytes aligned to 64.
     unsafe { _mm512_load_si512((line as *const Line).cast()) }
+}
+
+fn pf_dist() -> usize {
+    static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *D.get_or_init(|| std::env::var("TMP_PF").ok().and_then(|s| s.parse().ok()).unwrap_or(0))
 }
 
 #[inline]
