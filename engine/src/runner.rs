@@ -57,6 +57,8 @@ pub fn build_batch(out: &SchedulerOutput, scheduler: &Scheduler) -> ForwardBatch
 }
 
 /// Runs the step on the model and samples a token for every request that reached its end.
+/// Plain greedy rows take their argmax where the logits are (on the GPU only token ids cross
+/// to the host); the other rows come to the host for the full sampler.
 pub fn execute(
     out: &SchedulerOutput,
     scheduler: &mut Scheduler,
@@ -68,20 +70,54 @@ pub fn execute(
     if batch.logits_indices.is_empty() {
         return Ok(Vec::new());
     }
-    let mut logits = logits
-        .to_vec2::<f32>()
-        .map_err(pagoda_models::Error::from)?;
+    let rows: Vec<RequestId> = out
+        .scheduled
+        .iter()
+        .filter(|s| s.samples)
+        .map(|s| s.id)
+        .collect();
+    let plain: Vec<bool> = rows
+        .iter()
+        .map(|id| {
+            let req = scheduler.request(*id).expect("scheduled request exists");
+            req.params.is_plain_greedy(req.output_tokens.len())
+        })
+        .collect();
+    let argmax = if plain.iter().any(|&p| p) {
+        logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?
+    } else {
+        Vec::new()
+    };
+    let full_idx: Vec<u32> = (0..rows.len() as u32)
+        .filter(|&i| !plain[i as usize])
+        .collect();
+    let mut full = if full_idx.is_empty() {
+        Vec::new()
+    } else if full_idx.len() == rows.len() {
+        logits.to_vec2::<f32>()?
+    } else {
+        let idx = candle_core::Tensor::new(full_idx.as_slice(), logits.device())?;
+        logits.index_select(&idx, 0)?.to_vec2::<f32>()?
+    };
     let eos = scheduler.eos_token_ids().to_vec();
-    let mut sampled = Vec::with_capacity(logits.len());
-    let samplers = out.scheduled.iter().filter(|s| s.samples);
-    for (s, row) in samplers.zip(logits.iter_mut()) {
-        let req = scheduler
-            .request_mut(s.id)
-            .expect("scheduled request exists");
-        let token = req
-            .sampler
-            .sample(row, &req.params, &req.output_tokens, &eos);
-        sampled.push((s.id, token));
+    let mut full_rows = full.iter_mut();
+    let mut sampled = Vec::with_capacity(rows.len());
+    for (i, id) in rows.into_iter().enumerate() {
+        let token = if plain[i] {
+            SampledToken {
+                token: argmax[i],
+                logprob: f32::NAN,
+                top_logprobs: Vec::new(),
+            }
+        } else {
+            let row = full_rows
+                .next()
+                .expect("a host row per full-sampling request");
+            let req = scheduler.request_mut(id).expect("scheduled request exists");
+            req.sampler
+                .sample(row, &req.params, &req.output_tokens, &eos)
+        };
+        sampled.push((id, token));
     }
     Ok(sampled)
 }

@@ -67,4 +67,17 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
+
+    /// Greedy with nothing that needs the whole logit row on the host (no bias, penalties,
+    /// logprobs or pending `min_tokens`): the next token is the argmax of the raw logits, which
+    /// the runner takes where the logits are.
+    pub fn is_plain_greedy(&self, num_output_tokens: usize) -> bool {
+        self.is_greedy()
+            && self.logit_bias.is_empty()
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.logprobs.is_none()
+            && num_output_tokens >= self.min_tokens
+    }
 }

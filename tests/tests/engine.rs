@@ -302,3 +302,47 @@ where
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_greedy_fast_path_matches_the_full_sampler() {
+    // Without logprobs the argmax is taken where the logits are; with them the full row goes
+    // through the host sampler. Same tokens, also when both kinds share a batch.
+    let engine = start(EngineConfig::default(), false);
+    let with_logprobs = SamplingParams {
+        logprobs: Some(1),
+        ..greedy(16)
+    };
+    let jobs: Vec<_> = PROMPTS[..6]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                *p,
+                if i % 2 == 0 {
+                    greedy(16)
+                } else {
+                    with_logprobs.clone()
+                },
+            )
+        })
+        .collect();
+    let mixed = futures_join(jobs.into_iter().map(|(p, params)| {
+        let engine = engine.clone();
+        async move { generate(&engine, chat(p), params).await.1 }
+    }))
+    .await;
+    for (i, p) in PROMPTS[..6].iter().enumerate() {
+        let other = if i % 2 == 0 {
+            with_logprobs.clone()
+        } else {
+            greedy(16)
+        };
+        assert_eq!(
+            generate(&engine, chat(p), other).await.1,
+            mixed[i],
+            "prompt {i}"
+        );
+    }
+    assert_idle(&engine).await;
+    engine.shutdown();
+}
