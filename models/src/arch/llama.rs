@@ -1,7 +1,7 @@
 //! The Llama family: Llama 2/3 (with Llama-3 rope scaling), SmolLM2, Mistral and Qwen2 (bias on
 //! q/k/v). Pre-norm decoder blocks of RMSNorm → GQA attention with rotary embeddings → RMSNorm →
 //! SwiGLU MLP, over a flattened varlen batch and the paged KV cache.
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use pagoda_kernels::{paged_attention, reshape_and_cache};
 
@@ -41,15 +41,122 @@ impl Linear {
     }
 }
 
+/// Projections of the same input (q/k/v, gate/up), fused into one matrix when their formats
+/// allow: one larger matmul instead of several small ones.
+enum MultiLinear {
+    Fused { linear: Linear, sizes: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl MultiLinear {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let sizes = parts
+            .iter()
+            .map(|p| out_features(&p.weight))
+            .collect::<Result<Vec<_>>>()?;
+        let weight = match parts
+            .iter()
+            .map(|p| &p.weight)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            ws if ws.iter().all(|w| matches!(w, QMatMul::Tensor(_))) => {
+                let ts: Vec<Tensor> = ws
+                    .iter()
+                    .filter_map(|w| match w {
+                        QMatMul::Tensor(t) => Some(t.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                Some(QMatMul::Tensor(Tensor::cat(&ts, 0)?))
+            }
+            ws if ws.iter().all(|w| matches!(w, QMatMul::QTensor(_))) => {
+                let qs: Vec<&QTensor> = ws
+                    .iter()
+                    .filter_map(|w| match w {
+                        QMatMul::QTensor(q) => Some(q.as_ref()),
+                        _ => None,
+                    })
+                    .collect();
+                concat_rows(&qs)?.map(QMatMul::from_qtensor).transpose()?
+            }
+            _ => None,
+        };
+        let bias = match parts
+            .iter()
+            .map(|p| p.bias.clone())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(bs) => Some(Some(Tensor::cat(&bs, 0)?)),
+            None if parts.iter().all(|p| p.bias.is_none()) => Some(None),
+            None => None,
+        };
+        Ok(match (weight, bias) {
+            (Some(weight), Some(bias)) => MultiLinear::Fused {
+                linear: Linear { weight, bias },
+                sizes,
+            },
+            _ => MultiLinear::Separate(parts),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            MultiLinear::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            MultiLinear::Fused { linear, sizes } => {
+                let y = linear.forward(x)?;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(sizes.len());
+                for &n in sizes {
+                    out.push(y.narrow(candle_core::D::Minus1, start, n)?);
+                    start += n;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn out_features(w: &QMatMul) -> Result<usize> {
+    Ok(match w {
+        QMatMul::QTensor(q) => q.shape().dims()[0],
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
+    })
+}
+
+/// Stacks quantized matrices of one format and width (rows are independent byte ranges).
+fn concat_rows(qs: &[&QTensor]) -> Result<Option<QTensor>> {
+    let first = qs[0];
+    let (_, cols) = first.shape().dims2()?;
+    if qs
+        .iter()
+        .any(|q| q.dtype() != first.dtype() || q.shape().dims().get(1) != Some(&cols))
+    {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    let mut rows = 0;
+    for q in qs {
+        bytes.extend_from_slice(&q.data()?);
+        rows += q.shape().dims()[0];
+    }
+    let device = first.device();
+    Ok(Some(qtensor_from_ggml(
+        first.dtype(),
+        &bytes,
+        vec![rows, cols],
+        &device,
+    )?))
+}
+
 struct Layer {
     input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k, v.
+    qkv: MultiLinear,
     o: Linear,
     post_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    /// gate, up.
+    gate_up: MultiLinear,
     down: Linear,
 }
 
@@ -88,17 +195,21 @@ impl Llama {
             let ab = cfg.attention_bias;
             layers.push(Layer {
                 input_norm: w.tensor(&format!("{p}.input_layernorm.weight"), dtype, device)?,
-                q: lin(w, "self_attn.q_proj", ab)?,
-                k: lin(w, "self_attn.k_proj", ab)?,
-                v: lin(w, "self_attn.v_proj", ab)?,
+                qkv: MultiLinear::new(vec![
+                    lin(w, "self_attn.q_proj", ab)?,
+                    lin(w, "self_attn.k_proj", ab)?,
+                    lin(w, "self_attn.v_proj", ab)?,
+                ])?,
                 o: lin(w, "self_attn.o_proj", false)?,
                 post_norm: w.tensor(
                     &format!("{p}.post_attention_layernorm.weight"),
                     dtype,
                     device,
                 )?,
-                gate: lin(w, "mlp.gate_proj", false)?,
-                up: lin(w, "mlp.up_proj", false)?,
+                gate_up: MultiLinear::new(vec![
+                    lin(w, "mlp.gate_proj", false)?,
+                    lin(w, "mlp.up_proj", false)?,
+                ])?,
                 down: lin(w, "mlp.down_proj", false)?,
             });
             bar.inc(1);
@@ -180,17 +291,20 @@ impl Model for Llama {
         let mut x = self.embed.index_select(&ids, 0)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter()) {
             let hs = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let q = layer.q.forward(&hs)?.reshape((1, num_tokens, h, d))?;
-            let k = layer.k.forward(&hs)?.reshape((1, num_tokens, kvh, d))?;
-            let v = layer.v.forward(&hs)?.reshape((num_tokens, kvh, d))?;
+            let qkv = layer.qkv.forward(&hs)?;
+            let q = qkv[0].reshape((1, num_tokens, h, d))?;
+            let k = qkv[1].reshape((1, num_tokens, kvh, d))?;
+            let v = qkv[2].reshape((num_tokens, kvh, d))?;
             let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?.squeeze(0)?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
             reshape_and_cache(&k, &v, kv, &meta.slot_mapping)?;
             let attn = paged_attention(&q, kv, meta, scale)?.reshape((num_tokens, h * d))?;
             x = (x + layer.o.forward(&attn)?)?;
             let hs = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
-            let mlp =
-                (candle_nn::ops::silu(&layer.gate.forward(&hs)?)? * layer.up.forward(&hs)?)?;
+            let mlp = {
+                let gu = layer.gate_up.forward(&hs)?;
+                (candle_nn::ops::silu(&gu[0])? * &gu[1])?
+            };
             x = (x + layer.down.forward(&mlp)?)?;
         }
         let idx = Tensor::new(batch.logits_indices.as_slice(), &self.device)?;
