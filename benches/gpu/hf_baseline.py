@@ -28,7 +28,7 @@ args = p.parse_args()
 torch.manual_seed(0)
 config = LlamaConfig(**SHAPES[args.shape], attn_implementation=args.attn)
 with torch.device("cuda"):
-    model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
 model.eval()
 for batch in args.batch:
     ids = torch.randint(0, config.vocab_size, (batch, args.prompt_len), device="cuda")
