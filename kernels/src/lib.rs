@@ -16,9 +16,9 @@
 //! - queries `[T, H, D]`, new keys/values `[T, KVH, D]`;
 //! - cache `[NB, BS, KVH, D]` for keys and for values;
 //! - output `[T, H, D]`.
+pub mod cpu_quant;
 #[cfg(feature = "cuda")]
 mod cuda;
-pub mod cpu_quant;
 pub mod device;
 pub mod paged;
 

@@ -1,7 +1,7 @@
 //! `cpu_quant` against its scalar reference (bit-identical on every path and threading) and
 //! against candle's `QMatMul` and an f32 matmul on the dequantized weights, on random weights
 //! quantized by candle. The `#[ignore]`d `bench_*` tests time SmolLM2-135M's decode shapes:
-//! `cargo test --release -p pagoda-kernels --test cpu_quant -- --ignored --nocapture`.
+//! `cargo test --release -p pagoda-kernels --test cpu_quant -- --ignored --nocapture --test-threads=1`.
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -87,7 +87,14 @@ fn simd_path_is_taken_where_the_cpu_has_it() {
 fn every_path_matches_the_scalar_reference_exactly() {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     // Odd block counts (cols 32, 96) and rows around the group size and task sizes.
-    let shapes = [(1, 32), (15, 96), (16, 64), (17, 576), (100, 1536), (300, 1536)];
+    let shapes = [
+        (1, 32),
+        (15, 96),
+        (16, 64),
+        (17, 576),
+        (100, 1536),
+        (300, 1536),
+    ];
     for dtype in DTYPES {
         for (rows, cols) in shapes {
             let w = CpuQMatrix::from_qtensor(&weights(&mut rng, rows, cols, dtype))
@@ -107,7 +114,10 @@ fn every_path_matches_the_scalar_reference_exactly() {
                     for threading in THREADINGS {
                         let mut y = vec![f32::NAN; m * rows];
                         w.matmul_with(&x, m, &mut y, MatmulOptions { path, threading });
-                        let same = y.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
+                        let same = y
+                            .iter()
+                            .zip(&reference)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
                         assert!(same, "{dtype:?} {rows}x{cols} m={m} {path:?} {threading:?}");
                     }
                 }
@@ -143,7 +153,10 @@ fn matches_candle_qmatmul() {
                 let e_f32 = rel_err(&ours, &exact, &exact);
                 let e_candle_f32 = rel_err(&theirs, &exact, &exact);
                 // Ours is no less accurate than candle's against the f32 result.
-                assert!(e_f32 <= e_candle_f32 * 1.5 + 1e-6, "{dtype:?} {e_f32} {e_candle_f32}");
+                assert!(
+                    e_f32 <= e_candle_f32 * 1.5 + 1e-6,
+                    "{dtype:?} {e_f32} {e_candle_f32}"
+                );
                 // Observed: up to ~9e-4 from candle and ~1e-2 from f32 (outliers in x make
                 // coarse activation blocks), both relative to max |y|. candle 0.11 runs Q8_0 with
                 // `cols % 256 == 0` on AVX-512 through repacked tiles that quantize activations
@@ -155,8 +168,14 @@ fn matches_candle_qmatmul() {
                 if candle_blocks_of_256 {
                     continue;
                 }
-                assert!(e_candle < 2e-3, "{dtype:?} {rows}x{cols} m={m}: vs candle {e_candle}");
-                assert!(e_f32 < 3e-2, "{dtype:?} {rows}x{cols} m={m}: vs f32 {e_f32}");
+                assert!(
+                    e_candle < 2e-3,
+                    "{dtype:?} {rows}x{cols} m={m}: vs candle {e_candle}"
+                );
+                assert!(
+                    e_f32 < 3e-2,
+                    "{dtype:?} {rows}x{cols} m={m}: vs f32 {e_f32}"
+                );
                 worst_candle = worst_candle.max(e_candle);
                 worst_f32 = worst_f32.max(e_f32);
             }
@@ -176,11 +195,22 @@ fn forward_takes_any_layout_rank_and_float_dtype() {
     let y = w.forward(&x).unwrap();
     assert_eq!(y.dims(), &[2, 3, rows]);
     let flat = w.forward(&x.reshape((6, cols)).unwrap()).unwrap();
-    let diff = (y.reshape((6, rows)).unwrap() - &flat).unwrap().abs().unwrap();
+    let diff = (y.reshape((6, rows)).unwrap() - &flat)
+        .unwrap()
+        .abs()
+        .unwrap();
     assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
 
     // Non-contiguous input: a transposed view of the same values.
-    let xt = x.reshape((6, cols)).unwrap().t().unwrap().contiguous().unwrap().t().unwrap();
+    let xt = x
+        .reshape((6, cols))
+        .unwrap()
+        .t()
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .t()
+        .unwrap();
     assert!(!xt.is_contiguous());
     let diff = (w.forward(&xt).unwrap() - &flat).unwrap().abs().unwrap();
     assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
@@ -193,9 +223,34 @@ fn forward_takes_any_layout_rank_and_float_dtype() {
 }
 
 #[test]
+fn dequantized_rows_match_candle() {
+    let mut rng = Rng(13);
+    for dtype in DTYPES {
+        let (rows, cols) = (21, 96);
+        let q = weights(&mut rng, rows, cols, dtype);
+        let w = CpuQMatrix::from_qtensor(&q).unwrap().unwrap();
+        let deq = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mut row = vec![0f32; cols];
+        for (r, expected) in deq.iter().enumerate() {
+            w.dequantize_row(r, &mut row);
+            assert_eq!(&row, expected, "{dtype:?} row {r}");
+        }
+    }
+}
+
+#[test]
 fn unhandled_dtypes_are_none() {
     let mut rng = Rng(3);
-    for dtype in [GgmlDType::Q4K, GgmlDType::Q6K, GgmlDType::F32, GgmlDType::Q5_0] {
+    for dtype in [
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+        GgmlDType::F32,
+        GgmlDType::Q5_0,
+    ] {
         let q = weights(&mut rng, 8, 256, dtype);
         assert!(CpuQMatrix::from_qtensor(&q).unwrap().is_none(), "{dtype:?}");
     }
@@ -243,7 +298,7 @@ fn machine_line() {
 /// m = 1 matrix-vector products of SmolLM2-135M's shapes, one matrix at a time (so the smaller
 /// ones are served from cache): ours (candle pool, rayon, one thread) vs candle's `QMatMul`.
 #[test]
-#[ignore = "benchmark: run with --release -- --ignored --nocapture"]
+#[ignore = "benchmark: --release -- --ignored --nocapture --test-threads=1"]
 fn bench_decode_shapes() {
     machine_line();
     let mut rng = Rng(5);
@@ -297,79 +352,82 @@ fn bench_decode_shapes() {
     }
 }
 
-/// One decode step's matrix products of the whole model (30 layers of q, k, v, o, gate, up,
-/// down in Q4_1 and the Q8_0 lm_head, ~100 MB: streamed from memory as in real decoding), and a
-/// prefill-sized product.
+/// One step's matrix products of the whole model: 30 layers of q, k, v, o, gate, up, down in
+/// Q4_1 and the Q8_0 lm_head, ~96 MB, so the weights stream from memory as in real decoding.
+/// For m = 1 (decode), 4 (batched decode) and 128 (prefill chunk; lm_head skipped).
 #[test]
-#[ignore = "benchmark: run with --release -- --ignored --nocapture"]
+#[ignore = "benchmark: --release -- --ignored --nocapture --test-threads=1"]
 fn bench_model_step() {
     machine_line();
     let mut rng = Rng(9);
-    let layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
-    let mut mats = Vec::new();
+    let layer = [
+        (576, 576),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let mut qs = Vec::new();
     for _ in 0..30 {
         for (rows, cols) in layer {
-            mats.push((weights(&mut rng, rows, cols, GgmlDType::Q4_1), rows, cols));
+            qs.push(weights(&mut rng, rows, cols, GgmlDType::Q4_1));
         }
     }
-    mats.push((weights(&mut rng, 49152, 576, GgmlDType::Q8_0), 49152, 576));
-    let ours: Vec<_> = mats.iter().map(|(q, ..)| CpuQMatrix::from_qtensor(q).unwrap().unwrap()).collect();
-    let bytes: usize = ours.iter().map(|w| w.size_in_bytes()).sum();
-    let candle: Vec<_> = mats
-        .into_iter()
-        .map(|(q, rows, cols)| (QMatMul::from_qtensor(q).unwrap(), rows, cols))
-        .collect();
-    let xs: Vec<Tensor> = [576, 1536]
+    qs.push(weights(&mut rng, 49152, 576, GgmlDType::Q8_0));
+    let ours: Vec<_> = qs
         .iter()
-        .map(|&c| Tensor::from_vec(rng.values(c), (1, c), &Device::Cpu).unwrap())
+        .map(|q| CpuQMatrix::from_qtensor(q).unwrap().unwrap())
         .collect();
-    let x_for = |cols: usize| &xs[usize::from(cols == 1536)];
-    let budget = Duration::from_secs(3);
-    let t_candle = median_secs(10, budget, || {
-        for (m, _, cols) in &candle {
-            m.forward(x_for(*cols)).unwrap();
-        }
-    });
-    let t_ours = median_secs(10, budget, || {
-        for w in &ours {
-            w.forward(x_for(w.cols())).unwrap();
-        }
-    });
-    let xv: Vec<Vec<f32>> = xs.iter().map(|x| x.flatten_all().unwrap().to_vec1().unwrap()).collect();
-    let mut y = vec![0f32; 49152];
-    for threading in [Threading::CandlePool, Threading::Rayon, Threading::Single] {
-        let options = MatmulOptions { threading, ..MatmulOptions::default() };
-        let t = median_secs(10, budget, || {
-            for w in &ours {
-                w.matmul_with(&xv[usize::from(w.cols() == 1536)], 1, &mut y[..w.rows()], options);
+    let candle: Vec<_> = qs
+        .into_iter()
+        .map(|q| QMatMul::from_qtensor(q).unwrap())
+        .collect();
+    let bytes: usize = ours.iter().map(|w| w.size_in_bytes()).sum();
+    println!("{:.1} MB of weights", bytes as f64 / 1e6);
+    println!(
+        "{:>4} {:>10} {:>12} {:>10} {:>10} {:>8}",
+        "m", "candle ms", "ours(pool) ms", "rayon ms", "1thr ms", "speedup"
+    );
+    for m in [1, 4, 128] {
+        // Prefill computes logits for the last token only.
+        let num_mats = if m > 4 { ours.len() - 1 } else { ours.len() };
+        let xv: Vec<Vec<f32>> = [576, 1536].iter().map(|&c| rng.values(m * c)).collect();
+        let xs: Vec<Tensor> = xv
+            .iter()
+            .map(|v| Tensor::from_vec(v.clone(), (m, v.len() / m), &Device::Cpu).unwrap())
+            .collect();
+        let pick = |cols: usize| usize::from(cols == 1536);
+        let budget = Duration::from_secs(2);
+        let t_candle = median_secs(5, budget, || {
+            for (c, w) in candle.iter().zip(&ours).take(num_mats) {
+                c.forward(&xs[pick(w.cols())]).unwrap();
             }
         });
-        println!("  matmul_with {threading:?}: {:.2} ms", t * 1e3);
+        let mut y = vec![0f32; m * 49152];
+        let mut ours_with = |threading| {
+            let options = MatmulOptions {
+                threading,
+                ..MatmulOptions::default()
+            };
+            median_secs(5, budget, || {
+                for w in ours.iter().take(num_mats) {
+                    let y = &mut y[..m * w.rows()];
+                    w.matmul_with(&xv[pick(w.cols())], m, y, options);
+                }
+            })
+        };
+        let t_pool = ours_with(Threading::CandlePool);
+        let t_rayon = ours_with(Threading::Rayon);
+        let t_single = ours_with(Threading::Single);
+        println!(
+            "{m:>4} {:>10.2} {:>12.2} {:>10.2} {:>10.2} {:>7.2}x",
+            t_candle * 1e3,
+            t_pool * 1e3,
+            t_rayon * 1e3,
+            t_single * 1e3,
+            t_candle / t_pool,
+        );
     }
-    println!(
-        "decode step matmuls ({:.1} MB): candle {:.2} ms ({:.0} tok/s), ours {:.2} ms ({:.0} tok/s, {:.1} GB/s), {:.2}x",
-        bytes as f64 / 1e6,
-        t_candle * 1e3,
-        1.0 / t_candle,
-        t_ours * 1e3,
-        1.0 / t_ours,
-        bytes as f64 / t_ours / 1e9,
-        t_candle / t_ours
-    );
-
-    // Prefill: 128 tokens through gate/up (1536x576).
-    let m = 128;
-    let x = Tensor::from_vec(rng.values(m * 576), (m, 576), &Device::Cpu).unwrap();
-    let t_candle = median_secs(10, Duration::from_secs(1), || {
-        candle[4].0.forward(&x).unwrap();
-    });
-    let t_ours = median_secs(10, Duration::from_secs(1), || {
-        ours[4].forward(&x).unwrap();
-    });
-    println!(
-        "prefill m={m} 1536x576 Q4_1: candle {:.0} us, ours {:.0} us, {:.2}x",
-        t_candle * 1e6,
-        t_ours * 1e6,
-        t_candle / t_ours
-    );
 }

@@ -153,6 +153,34 @@ impl Packed {
         (self.rows - g * GROUP).min(GROUP)
     }
 
+    /// Dequantizes row `row` into `out` (`cols` values).
+    pub(crate) fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        assert!(row < self.rows, "row {row} of {}", self.rows);
+        assert_eq!(out.len(), self.cols, "out is not one row");
+        let (g, r) = (row / GROUP, row % GROUP);
+        for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
+            let lines = self.block_lines(g, b);
+            let scales = self.block_scales(g, b);
+            let d = f16_bits(scales[0].0[r]);
+            for (j, line) in lines.iter().enumerate() {
+                for (t, &byte) in line.0[4 * r..4 * r + 4].iter().enumerate() {
+                    match self.kind {
+                        QKind::Q4_0 => {
+                            out[4 * j + t] = (i32::from(byte & 0x0F) - 8) as f32 * d;
+                            out[16 + 4 * j + t] = (i32::from(byte >> 4) - 8) as f32 * d;
+                        }
+                        QKind::Q4_1 => {
+                            let m = f16_bits(scales[1].0[r]);
+                            out[4 * j + t] = f32::from(byte & 0x0F) * d + m;
+                            out[16 + 4 * j + t] = f32::from(byte >> 4) * d + m;
+                        }
+                        QKind::Q8_0 => out[4 * j + t] = f32::from(byte as i8) * d,
+                    }
+                }
+            }
+        }
+    }
+
     /// Bytes of weights streamed per group (quants and scales).
     pub(crate) fn group_bytes(&self) -> usize {
         self.num_blocks
