@@ -3,6 +3,7 @@
 //! SwiGLU MLP, over a flattened varlen batch and the paged KV cache.
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
+use pagoda_kernels::cpu_quant::CpuQMatrix;
 use pagoda_kernels::{paged_attention, reshape_and_cache};
 
 use crate::config::LlamaConfig;
@@ -10,8 +11,34 @@ use crate::model::{ForwardBatch, KvCacheSpec, Model, PagedKvCache};
 use crate::weights::{progress_bar, WeightSource};
 use crate::Result;
 
+/// A weight matrix: candle's (dense, or quantized on the GPU) or, for quantized formats on the
+/// CPU, our SIMD kernels' repacked layout.
+enum Weight {
+    Candle(QMatMul),
+    CpuQuant(CpuQMatrix),
+}
+
+impl Weight {
+    /// Moves quantized CPU matrices to the SIMD kernels where they support the format.
+    fn specialized(self) -> Result<Self> {
+        if let Weight::Candle(QMatMul::QTensor(q)) = &self {
+            if let Some(m) = CpuQMatrix::from_qtensor(q)? {
+                return Ok(Weight::CpuQuant(m));
+            }
+        }
+        Ok(self)
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Weight::Candle(q) => q.forward(x)?,
+            Weight::CpuQuant(m) => m.forward(x)?,
+        })
+    }
+}
+
 struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
@@ -23,13 +50,20 @@ impl Linear {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let weight = w.linear(&format!("{name}.weight"), dtype, device)?;
+        let weight = Weight::Candle(w.linear(&format!("{name}.weight"), dtype, device)?);
         let bias = if bias {
             Some(w.tensor(&format!("{name}.bias"), dtype, device)?)
         } else {
             None
         };
         Ok(Self { weight, bias })
+    }
+
+    fn specialized(self) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.specialized()?,
+            bias: self.bias,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -50,37 +84,39 @@ enum MultiLinear {
 
 impl MultiLinear {
     fn new(parts: Vec<Linear>) -> Result<Self> {
-        let sizes = parts
+        let weights: Vec<&QMatMul> = parts
             .iter()
-            .map(|p| out_features(&p.weight))
+            .filter_map(|p| match &p.weight {
+                Weight::Candle(q) => Some(q),
+                Weight::CpuQuant(_) => None,
+            })
+            .collect();
+        let sizes = weights
+            .iter()
+            .map(|w| out_features(w))
             .collect::<Result<Vec<_>>>()?;
-        let weight = match parts
+        let dense: Vec<Tensor> = weights
             .iter()
-            .map(|p| &p.weight)
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
-            ws if ws.iter().all(|w| matches!(w, QMatMul::Tensor(_))) => {
-                let ts: Vec<Tensor> = ws
-                    .iter()
-                    .filter_map(|w| match w {
-                        QMatMul::Tensor(t) => Some(t.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                Some(QMatMul::Tensor(Tensor::cat(&ts, 0)?))
-            }
-            ws if ws.iter().all(|w| matches!(w, QMatMul::QTensor(_))) => {
-                let qs: Vec<&QTensor> = ws
-                    .iter()
-                    .filter_map(|w| match w {
-                        QMatMul::QTensor(q) => Some(q.as_ref()),
-                        _ => None,
-                    })
-                    .collect();
-                concat_rows(&qs)?.map(QMatMul::from_qtensor).transpose()?
-            }
-            _ => None,
+            .filter_map(|w| match w {
+                QMatMul::Tensor(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        let quant: Vec<&QTensor> = weights
+            .iter()
+            .filter_map(|w| match w {
+                QMatMul::QTensor(q) => Some(q.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let weight = if dense.len() == parts.len() {
+            Some(QMatMul::Tensor(Tensor::cat(&dense, 0)?))
+        } else if quant.len() == parts.len() {
+            concat_rows(&quant)?
+                .map(QMatMul::from_qtensor)
+                .transpose()?
+        } else {
+            None
         };
         let bias = match parts
             .iter()
@@ -92,11 +128,20 @@ impl MultiLinear {
             None => None,
         };
         Ok(match (weight, bias) {
-            (Some(weight), Some(bias)) => MultiLinear::Fused {
-                linear: Linear { weight, bias },
-                sizes,
-            },
-            _ => MultiLinear::Separate(parts),
+            (Some(weight), Some(bias)) => {
+                let linear = Linear {
+                    weight: Weight::Candle(weight),
+                    bias,
+                }
+                .specialized()?;
+                MultiLinear::Fused { linear, sizes }
+            }
+            _ => MultiLinear::Separate(
+                parts
+                    .into_iter()
+                    .map(Linear::specialized)
+                    .collect::<Result<_>>()?,
+            ),
         })
     }
 
@@ -165,7 +210,7 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Weight,
     /// `[max_positions, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
@@ -200,7 +245,7 @@ impl Llama {
                     lin(w, "self_attn.k_proj", ab)?,
                     lin(w, "self_attn.v_proj", ab)?,
                 ])?,
-                o: lin(w, "self_attn.o_proj", false)?,
+                o: lin(w, "self_attn.o_proj", false)?.specialized()?,
                 post_norm: w.tensor(
                     &format!("{p}.post_attention_layernorm.weight"),
                     dtype,
@@ -210,7 +255,7 @@ impl Llama {
                     lin(w, "mlp.gate_proj", false)?,
                     lin(w, "mlp.up_proj", false)?,
                 ])?,
-                down: lin(w, "mlp.down_proj", false)?,
+                down: lin(w, "mlp.down_proj", false)?.specialized()?,
             });
             bar.inc(1);
         }
@@ -221,6 +266,7 @@ impl Llama {
         } else {
             w.linear("model.embed_tokens.weight", dtype, device)?
         };
+        let lm_head = Weight::Candle(lm_head).specialized()?;
         let mut inv_freq = cfg.inv_freq();
         // Llama-3 GGUFs store the scaling as per-frequency divisors.
         if w.contains("rope_freqs.weight") {
