@@ -1,11 +1,9 @@
 //! The router, shared state and the small pieces every handler uses (auth, body parsing, SSE).
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{header, request::Parts, StatusCode, Uri};
-use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -165,17 +163,6 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             ApiError::invalid_json(format!("the request body is not valid JSON: {e}"))
         }
     })
-}
-
-/// SSE events produced by a task; when the client goes, the next send fails and the task ends.
-pub fn event_stream<F, Fut>(f: F) -> impl futures::Stream<Item = Result<Event, Infallible>>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(f(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {

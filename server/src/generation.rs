@@ -7,11 +7,16 @@ use pagoda_engine::{
     EngineError, EngineHandle, FinishReason, GenerateRequest, RequestStream, SamplingParams,
     StreamOutput, TokenInfo,
 };
+use std::convert::Infallible;
+
+use axum::response::sse::{Event, Sse};
+use futures::StreamExt;
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
 use crate::metrics::METRICS;
-use crate::openai::SamplingFields;
+use crate::openai::{SamplingFields, Usage};
 
 /// Most choices per request.
 pub const MAX_N: usize = 16;
@@ -258,6 +263,95 @@ pub fn forward_all(streams: Vec<RequestStream>) -> mpsc::Receiver<ChoiceEvent> {
         });
     }
     rx
+}
+
+/// How to stream a request's choices as SSE.
+pub struct StreamSpec<C> {
+    pub events: mpsc::Receiver<ChoiceEvent>,
+    pub num_choices: usize,
+    /// Choices per prompt: each prompt's tokens count once in the usage.
+    pub n: usize,
+    pub include_usage: bool,
+    /// `choices` entries sent before any output (chat's role deltas), one chunk each.
+    pub preamble: Vec<Value>,
+    /// Wraps a `choices` array (and the usage) in the endpoint's chunk object.
+    pub chunk: C,
+}
+
+/// Streams choices as SSE: the preamble, one chunk per event that `choice` turns into a
+/// `choices` entry, then the usage chunk when asked and `[DONE]`. When the client goes away the
+/// next send fails, the task ends, and the requests are aborted.
+pub fn stream_choices<C, J>(
+    spec: StreamSpec<C>,
+    mut choice: J,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>>
+where
+    C: Fn(Value, Option<Usage>) -> Event + Send + 'static,
+    J: FnMut(usize, &StreamOutput) -> Option<Value> + Send + 'static,
+{
+    let StreamSpec {
+        mut events,
+        num_choices,
+        n,
+        include_usage,
+        preamble,
+        chunk,
+    } = spec;
+    Sse::new(event_stream(move |tx| async move {
+        for entry in preamble {
+            if tx.send(chunk(json!([entry]), None)).await.is_err() {
+                return;
+            }
+        }
+        let mut prompt_tokens = vec![0; num_choices];
+        let mut completion_tokens = 0;
+        let mut open = num_choices;
+        while let Some(ev) = events.recv().await {
+            prompt_tokens[ev.index] = ev.num_prompt_tokens;
+            let out = match ev.output {
+                Ok(out) => out,
+                Err(e) => {
+                    let _ = tx
+                        .send(Event::default().data(ApiError::from(e).body().to_string()))
+                        .await;
+                    return;
+                }
+            };
+            completion_tokens += out.tokens.len();
+            if let Some(entry) = choice(ev.index, &out) {
+                if tx.send(chunk(json!([entry]), None)).await.is_err() {
+                    return;
+                }
+            }
+            if out.finish_reason.is_some() {
+                open -= 1;
+                if open == 0 {
+                    break;
+                }
+            }
+        }
+        if include_usage {
+            let prompt: usize = prompt_tokens.iter().step_by(n.max(1)).sum();
+            let _ = tx
+                .send(chunk(
+                    json!([]),
+                    Some(Usage::new(prompt, completion_tokens)),
+                ))
+                .await;
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    }))
+}
+
+/// SSE events produced by a task; when the client goes, the next send fails and the task ends.
+fn event_stream<F, Fut>(f: F) -> impl futures::Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
 }
 
 /// `finish_reason` as OpenAI spells it.

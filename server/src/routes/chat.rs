@@ -1,5 +1,5 @@
 //! `POST /v1/chat/completions`.
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use pagoda_engine::{Prompt, TokenInfo};
 use pagoda_models::chat_template::ChatMessage;
@@ -156,69 +156,40 @@ pub async fn chat_completions(ctx: Ctx, body: axum::body::Bytes) -> Result<Respo
         return Ok(axum::Json(body).into_response());
     }
 
-    let n = opts.n;
-    let include_usage = opts.include_usage;
-    let mut events = generation::forward_all(streams);
-    let chunk = move |choices: serde_json::Value, usage: Option<Usage>| {
-        let mut c = json!({
-            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": crate::app::FINGERPRINT, "choices": choices,
-        });
-        if include_usage {
-            c["usage"] = json!(usage);
-        }
-        Event::default().data(c.to_string())
+    let spec = generation::StreamSpec {
+        events: generation::forward_all(streams),
+        num_choices: opts.n,
+        n: opts.n,
+        include_usage: opts.include_usage,
+        preamble: (0..opts.n)
+            .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+            .collect(),
+        chunk: move |choices: serde_json::Value, usage: Option<Usage>| {
+            let mut c = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": crate::app::FINGERPRINT, "choices": choices,
+            });
+            if opts.include_usage {
+                c["usage"] = json!(usage);
+            }
+            Event::default().data(c.to_string())
+        },
     };
-    let stream = crate::app::event_stream(move |tx| async move {
-        for i in 0..n {
-            let first = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
-            if tx.send(chunk(first, None)).await.is_err() {
-                return;
-            }
+    let sse = generation::stream_choices(spec, move |index, out| {
+        if out.text.is_empty() && out.finish_reason.is_none() && !want_logprobs {
+            return None;
         }
-        let mut prompt_tokens = 0;
-        let mut completion_tokens = 0;
-        let mut open = n;
-        while let Some(ev) = events.recv().await {
-            prompt_tokens = ev.num_prompt_tokens;
-            let out = match ev.output {
-                Ok(out) => out,
-                Err(e) => {
-                    let err = ApiError::from(e).body();
-                    let _ = tx.send(Event::default().data(err.to_string())).await;
-                    return;
-                }
-            };
-            completion_tokens += out.tokens.len();
-            if out.text.is_empty() && out.finish_reason.is_none() && !want_logprobs {
-                continue;
-            }
-            let lp = want_logprobs.then(|| logprobs(&ctx, &out.tokens));
-            let delta = if out.text.is_empty() {
-                json!({})
-            } else {
-                json!({"content": out.text})
-            };
-            let choice = json!([{"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason.map(finish_reason)}]);
-            if tx.send(chunk(choice, None)).await.is_err() {
-                return;
-            }
-            if out.finish_reason.is_some() {
-                open -= 1;
-                if open == 0 {
-                    break;
-                }
-            }
-        }
-        if include_usage {
-            let _ = tx
-                .send(chunk(
-                    json!([]),
-                    Some(Usage::new(prompt_tokens, completion_tokens)),
-                ))
-                .await;
-        }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
+        let delta = if out.text.is_empty() {
+            json!({})
+        } else {
+            json!({"content": out.text})
+        };
+        Some(json!({
+            "index": index,
+            "delta": delta,
+            "logprobs": want_logprobs.then(|| logprobs(&ctx, &out.tokens)),
+            "finish_reason": out.finish_reason.map(finish_reason),
+        }))
     });
-    Ok(Sse::new(stream).into_response())
+    Ok(sse.into_response())
 }

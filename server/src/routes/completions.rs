@@ -1,7 +1,7 @@
 //! `POST /v1/completions`.
 use std::collections::HashMap;
 
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use pagoda_engine::{Prompt, TokenInfo};
 use serde_json::{json, Value};
@@ -148,62 +148,34 @@ pub async fn completions(ctx: Ctx, body: axum::body::Bytes) -> Result<Response, 
     }
 
     let num_choices = streams.len();
-    let n = opts.n;
-    let include_usage = opts.include_usage;
-    let mut events = generation::forward_all(streams);
-    let chunk = move |choices: Value, usage: Option<Usage>| {
-        let mut c = json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": crate::app::FINGERPRINT, "choices": choices,
-        });
-        if include_usage {
-            c["usage"] = json!(usage);
-        }
-        Event::default().data(c.to_string())
+    let spec = generation::StreamSpec {
+        events: generation::forward_all(streams),
+        num_choices,
+        n: opts.n,
+        include_usage: opts.include_usage,
+        preamble: Vec::new(),
+        chunk: move |choices: Value, usage: Option<Usage>| {
+            let mut c = json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": crate::app::FINGERPRINT, "choices": choices,
+            });
+            if opts.include_usage {
+                c["usage"] = json!(usage);
+            }
+            Event::default().data(c.to_string())
+        },
     };
-    let stream = crate::app::event_stream(move |tx| async move {
-        let mut prompt_tokens = vec![0; num_choices];
-        let mut completion_tokens = 0;
-        let mut offsets = vec![0; num_choices];
-        let mut open = num_choices;
-        while let Some(ev) = events.recv().await {
-            prompt_tokens[ev.index] = ev.num_prompt_tokens;
-            let out = match ev.output {
-                Ok(out) => out,
-                Err(e) => {
-                    let _ = tx
-                        .send(Event::default().data(ApiError::from(e).body().to_string()))
-                        .await;
-                    return;
-                }
-            };
-            completion_tokens += out.tokens.len();
-            let lp = top.map(|_| logprobs(&ctx, &out.tokens, offsets[ev.index]));
-            offsets[ev.index] += out.text.len();
-            if out.text.is_empty() && out.finish_reason.is_none() && lp.is_none() {
-                continue;
-            }
-            let choice = json!([{"index": ev.index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason.map(finish_reason)}]);
-            if tx.send(chunk(choice, None)).await.is_err() {
-                return;
-            }
-            if out.finish_reason.is_some() {
-                open -= 1;
-                if open == 0 {
-                    break;
-                }
-            }
+    // Text offsets of each choice, for the logprobs' `text_offset`.
+    let mut offsets = vec![0; num_choices];
+    let sse = generation::stream_choices(spec, move |index, out| {
+        let lp = top.map(|_| logprobs(&ctx, &out.tokens, offsets[index]));
+        offsets[index] += out.text.len();
+        if out.text.is_empty() && out.finish_reason.is_none() && lp.is_none() {
+            return None;
         }
-        if include_usage {
-            let prompt: usize = prompt_tokens.iter().step_by(n).sum();
-            let _ = tx
-                .send(chunk(
-                    json!([]),
-                    Some(Usage::new(prompt, completion_tokens)),
-                ))
-                .await;
-        }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
+        Some(
+            json!({"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason.map(finish_reason)}),
+        )
     });
-    Ok(Sse::new(stream).into_response())
+    Ok(sse.into_response())
 }
