@@ -18,6 +18,9 @@ pub enum EngineError {
     Unavailable,
     #[error("model error: {0}")]
     Model(#[from] pagoda_models::Error),
+    /// A step or the detokenizer failed; the request is gone.
+    #[error("generation failed: {0}")]
+    Generation(String),
     #[error("invalid engine config: {0}")]
     Config(String),
 }
@@ -37,6 +40,7 @@ impl EngineError {
             EngineError::QueueFull(_) => "queue_full",
             EngineError::Unavailable => "unavailable",
             EngineError::Model(_) => "model",
+            EngineError::Generation(_) => "generation",
             EngineError::Config(_) => "config",
         }
     }

@@ -128,23 +128,12 @@ impl EngineHandle {
         self.enqueue(valid, permit)
     }
 
-    /// [`Self::submit`] for a request validated already (same thread).
-    pub fn validate(&self, request: GenerateRequest) -> Result<ValidRequest, EngineError> {
-        self.inner.validator.validate(request)
-    }
-
     fn acquire(&self) -> Result<OwnedSemaphorePermit, EngineError> {
         self.inner
             .permits
             .clone()
             .try_acquire_owned()
             .map_err(|_| EngineError::QueueFull(self.inner.max_waiting))
-    }
-
-    /// Queues a validated request.
-    pub fn submit_valid(&self, valid: ValidRequest) -> Result<RequestStream, EngineError> {
-        let permit = self.acquire()?;
-        self.enqueue(valid, permit)
     }
 
     fn enqueue(

@@ -92,9 +92,7 @@ impl RequestStream {
             Some(EngineEvent::Token(token, finish)) => (token, finish),
             Some(EngineEvent::Error(message)) => {
                 self.finished = true;
-                return Err(EngineError::Model(pagoda_models::Error::Unsupported(
-                    message,
-                )));
+                return Err(EngineError::Generation(message));
             }
             Some(EngineEvent::Aborted) | None => {
                 self.finished = true;
@@ -108,13 +106,13 @@ impl RequestStream {
         let mut piece = self
             .detokenizer
             .push(token.token)
-            .map_err(|e| EngineError::invalid("prompt", e.to_string()))?;
+            .map_err(|e| EngineError::Generation(e.to_string()))?;
         if finish.is_some() {
             piece.push_str(
                 &self
                     .detokenizer
                     .flush()
-                    .map_err(|e| EngineError::invalid("prompt", e.to_string()))?,
+                    .map_err(|e| EngineError::Generation(e.to_string()))?,
             );
         }
         let outcome = self.stop.push(&piece);

@@ -118,7 +118,9 @@ impl From<EngineError> for ApiError {
             }
             EngineError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             EngineError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            EngineError::Model(_) | EngineError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            EngineError::Model(_) | EngineError::Config(_) | EngineError::Generation(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         let code = match &e {
             EngineError::ContextLength(_) => Some("context_length_exceeded"),
