@@ -41,32 +41,14 @@ impl Default for LoadOptions {
 
 /// Opens a GGUF file or a Hugging Face folder (`config.json`, `*.safetensors`, `tokenizer.json`).
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
-    let (model, tokenizer, config) = if path.is_dir() {
-        let cfg_path = path.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
-        let config = LlamaConfig::from_hf_json(&json)?;
-        let tokenizer = ModelTokenizer::from_hf_dir(path)?;
-        let mut weights = WeightSource::open_safetensors(path, &opts.device)?;
-        let model = Llama::load(config.clone(), &mut weights, opts.dtype, &opts.device)?;
-        (model, tokenizer, config)
-    } else if path.is_file() {
-        let (model, config, tokenizer) = load_gguf(path, opts, true)?;
-        (model, tokenizer.expect("tokenizer requested"), config)
-    } else {
-        return Err(Error::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
-        ));
-    };
+    let (model, config, tokenizer) = open(path, opts, true)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     Ok(LoadedModel {
         model: Box::new(model),
-        tokenizer,
+        tokenizer: tokenizer.expect("tokenizer requested"),
         config,
         name,
     })
@@ -75,31 +57,43 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
 /// Loads just the weights of a model (no tokenizer needed), from a GGUF file or a Hugging Face
 /// folder. For tests and benchmarks that speak token ids.
 pub fn load_weights(path: &Path, opts: &LoadOptions) -> Result<Llama> {
-    if path.is_dir() {
+    Ok(open(path, opts, false)?.0)
+}
+
+fn open(
+    path: &Path,
+    opts: &LoadOptions,
+    with_tokenizer: bool,
+) -> Result<(Llama, LlamaConfig, Option<ModelTokenizer>)> {
+    let (config, mut weights, tokenizer) = if path.is_dir() {
         let cfg_path = path.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::Config(format!("{}: {e}", cfg_path.display())))?;
         let config = LlamaConfig::from_hf_json(&json)?;
-        let mut weights = WeightSource::open_safetensors(path, &opts.device)?;
-        Llama::load(config, &mut weights, opts.dtype, &opts.device)
+        let tokenizer = if with_tokenizer {
+            Some(ModelTokenizer::from_hf_dir(path)?)
+        } else {
+            None
+        };
+        (
+            config,
+            WeightSource::open_safetensors(path, &opts.device)?,
+            tokenizer,
+        )
+    } else if path.is_file() {
+        let weights = WeightSource::open_gguf(path, opts.dequantize)?;
+        let content = weights.gguf().expect("GGUF source");
+        let config = LlamaConfig::from_gguf(content)?;
+        let tokenizer = if with_tokenizer {
+            Some(ModelTokenizer::from_gguf(content)?)
+        } else {
+            None
+        };
+        (config, weights, tokenizer)
     } else {
-        Ok(load_gguf(path, opts, false)?.0)
-    }
-}
-
-fn load_gguf(
-    path: &Path,
-    opts: &LoadOptions,
-    with_tokenizer: bool,
-) -> Result<(Llama, LlamaConfig, Option<ModelTokenizer>)> {
-    let mut weights = WeightSource::open_gguf(path, opts.dequantize)?;
-    let content = weights.gguf().expect("GGUF source");
-    let config = LlamaConfig::from_gguf(content)?;
-    let tokenizer = if with_tokenizer {
-        Some(ModelTokenizer::from_gguf(content)?)
-    } else {
-        None
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder");
+        return Err(Error::io(path, missing));
     };
     let model = Llama::load(config.clone(), &mut weights, opts.dtype, &opts.device)?;
     Ok((model, config, tokenizer))
