@@ -62,7 +62,10 @@ impl Request {
         params: SamplingParams,
         max_context_len: usize,
     ) -> Self {
-        let max_total_tokens = (prompt_tokens.len() + params.max_tokens).min(max_context_len);
+        let max_total_tokens = prompt_tokens
+            .len()
+            .saturating_add(params.max_tokens)
+            .min(max_context_len);
         Self {
             id,
             sampler: SequenceSampler::new(&params, &prompt_tokens),

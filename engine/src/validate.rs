@@ -200,7 +200,7 @@ impl Validator {
             req.params.min_tokens = req.params.min_tokens.min(req.params.max_tokens);
         }
         let p = &req.params;
-        let total = prompt_tokens.len() + p.max_tokens;
+        let total = prompt_tokens.len().saturating_add(p.max_tokens);
         if total > self.max_context_len {
             return Err(EngineError::ContextLength(format!(
                 "this model's maximum context length is {} tokens, but the request has {} prompt tokens and asks for {} more ({total} in all); shorten the prompt or lower max_tokens",
