@@ -105,13 +105,30 @@ impl WeightSource {
         }
     }
 
-    /// Loads every `*.safetensors` of a Hugging Face folder (sharded or not).
+    /// Loads the safetensors of a Hugging Face folder: the shards that
+    /// `model.safetensors.index.json` names when it exists (folders may hold other copies, such
+    /// as Mistral's `consolidated.safetensors`), else every `*.safetensors`.
     pub fn open_safetensors(dir: &Path, device: &Device) -> Result<Self> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
+        let index = dir.join("model.safetensors.index.json");
+        let mut files: Vec<PathBuf> = if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Config(format!("{}: {e}", index.display())))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Config(format!("{} has no weight_map", index.display())))?;
+            let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            names.sort_unstable();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect()
+        };
         files.sort();
         if files.is_empty() {
             return Err(Error::Config(format!(

@@ -112,3 +112,43 @@ fn gguf_q8_0_is_close_to_f32() {
         check(&model, &expected("tiny-llama"), 21, 16, 0.5, false);
     }
 }
+
+#[test]
+fn sharded_safetensors_folder_gives_the_same_logits() {
+    // The tiny Llama re-saved as two shards with an index, as large checkpoints ship.
+    let src = fixture("tiny-llama");
+    let dir = std::env::temp_dir().join(format!("pagoda-sharded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", a),
+        ("model-00002-of-00002.safetensors", b),
+    ] {
+        let shard: std::collections::HashMap<String, candle_core::Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, dir.join(file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), serde_json::Value::String(file.into()));
+        }
+    }
+    // A stray copy the index doesn't name must not be loaded (it would zero the final norm).
+    let stray = std::collections::HashMap::from([(
+        "model.norm.weight".to_string(),
+        candle_core::Tensor::zeros(64, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+    )]);
+    candle_core::safetensors::save(&stray, dir.join("zz-consolidated.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let model = load_weights(&dir, &LoadOptions::default()).unwrap();
+    check(&model, &expected("tiny-llama"), 21, 16, TOL, true);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
