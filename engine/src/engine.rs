@@ -18,6 +18,9 @@ pub struct EngineConfig {
     pub num_blocks: Option<usize>,
     /// Pool size in bytes (all layers, K and V).
     pub kv_cache_memory: Option<usize>,
+    /// On a GPU, when neither size is given: the share of the card's memory the process may
+    /// fill (weights, activations and the KV pool together).
+    pub gpu_memory_utilization: f64,
     /// Requests allowed to wait for a slot beyond those running (excess gets `QueueFull`).
     pub max_waiting: usize,
 }
@@ -29,6 +32,7 @@ impl Default for EngineConfig {
             block_size: 16,
             num_blocks: None,
             kv_cache_memory: None,
+            gpu_memory_utilization: 0.9,
             max_waiting: 256,
         }
     }
@@ -48,6 +52,24 @@ pub struct EngineStats {
     pub num_preemptions: u64,
 }
 
+/// KV pool bytes when none were asked for: on a GPU what `gpu_memory_utilization` leaves after
+/// what is in use (weights) and an activation reserve for the largest step; elsewhere
+/// [`DEFAULT_KV_CACHE_MEMORY`].
+fn kv_bytes_from_device(model: &dyn Model, config: &EngineConfig) -> usize {
+    let Some((free, total)) = pagoda_kernels::device::memory_info(model.device()) else {
+        return DEFAULT_KV_CACHE_MEMORY;
+    };
+    let budget = (total as f64 * config.gpu_memory_utilization.clamp(0.05, 1.0)) as usize;
+    let in_use = total.saturating_sub(free);
+    // f32 worst case, twice over: per token the residual stream, norms, q/k/v, attention out,
+    // gate/up/activation; per sampled row a vocabulary of logits.
+    let act = model.activation_bytes_per_token();
+    let reserve = 2
+        * (config.scheduler.max_num_batched_tokens * act
+            + config.scheduler.max_num_seqs * model.vocab_size() * 4);
+    budget.saturating_sub(in_use + reserve)
+}
+
 pub struct Engine {
     model: Box<dyn Model>,
     cache: PagedKvCache,
@@ -61,13 +83,20 @@ impl Engine {
         eos_token_ids: Vec<u32>,
     ) -> Result<Self, EngineError> {
         let spec = model.kv_cache_spec();
+        if config.block_size == 0 {
+            return Err(EngineError::Config(
+                "the block size must be at least 1".into(),
+            ));
+        }
         let num_blocks = match (config.num_blocks, config.kv_cache_memory) {
             (Some(n), _) => n,
-            (None, bytes) => {
-                bytes.unwrap_or(DEFAULT_KV_CACHE_MEMORY) / spec.bytes_per_block(config.block_size)
+            (None, Some(bytes)) => bytes / spec.bytes_per_block(config.block_size),
+            (None, None) => {
+                kv_bytes_from_device(model.as_ref(), config)
+                    / spec.bytes_per_block(config.block_size)
             }
         };
-        if num_blocks == 0 || config.block_size == 0 {
+        if num_blocks == 0 {
             return Err(EngineError::Config(format!(
                 "the KV pool must hold at least one block (block size {}, {} bytes per block)",
                 config.block_size,

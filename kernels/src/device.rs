@@ -73,5 +73,14 @@ fn cuda_device() -> Result<Device, String> {
     Err("this build of pagoda was compiled without CUDA (build with scripts/build-cuda)".into())
 }
 
+/// Free and total memory of a GPU in bytes; `None` for the CPU.
+pub fn memory_info(device: &Device) -> Option<(usize, usize)> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d.cuda_stream().context().mem_get_info().ok(),
+        _ => None,
+    }
+}
+
 /// Whether this build has the CUDA path.
 pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");

@@ -78,6 +78,8 @@ pub trait Model: Send {
     fn max_context_len(&self) -> usize;
     fn vocab_size(&self) -> usize;
     fn device(&self) -> &Device;
+    /// Peak activation bytes one token of a step needs (an estimate for sizing the KV pool).
+    fn activation_bytes_per_token(&self) -> usize;
     /// Logits `[logits_indices.len(), vocab]`, f32.
     fn forward(&self, batch: &ForwardBatch, cache: &mut PagedKvCache) -> Result<Tensor>;
 }

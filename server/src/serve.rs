@@ -46,6 +46,10 @@ pub struct ServeArgs {
     pub kv_cache_memory: Option<usize>,
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// On a GPU, without --num-blocks/--kv-cache-memory: the share of the card's memory to fill
+    /// (weights, activations and the KV pool).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// Dequantize GGUF weights to f32 at load.
     #[arg(long)]
     pub dequantize: bool,
@@ -150,6 +154,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         block_size: args.block_size,
         num_blocks: args.num_blocks,
         kv_cache_memory: args.kv_cache_memory,
+        gpu_memory_utilization: args.gpu_memory_utilization,
         max_waiting: args.max_waiting,
     };
     let loader_state = state.clone();

@@ -319,6 +319,12 @@ impl Model for Llama {
         self.cfg.vocab_size
     }
 
+    fn activation_bytes_per_token(&self) -> usize {
+        let c = &self.cfg;
+        let qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
+        4 * (4 * c.hidden_size + qkv + 3 * c.intermediate_size)
+    }
+
     fn device(&self) -> &Device {
         &self.device
     }
