@@ -6,6 +6,9 @@
 //! - [`peak_rss_bytes`]: the process's peak resident set (`VmHWM`).
 //! - [`load_average`], [`process_cpu_time`]: how much of the machine the run really had.
 //! - [`median`]: the statistic reported for repeated runs.
+//! - [`loadgen`]: the load generator for OpenAI-compatible servers (`load-gen`).
+
+pub mod loadgen;
 
 /// The machine a benchmark ran on.
 #[derive(Clone, Debug, PartialEq, Eq)]
