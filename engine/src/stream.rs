@@ -52,7 +52,7 @@ impl RequestStream {
         stop: Vec<String>,
         skip_special_tokens: bool,
     ) -> Self {
-        let tokenizer = Arc::new(handle.tokenizer().tokenizer.clone());
+        let tokenizer = Arc::clone(&handle.tokenizer().tokenizer);
         Self {
             id,
             events,

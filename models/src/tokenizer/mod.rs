@@ -111,7 +111,8 @@ impl ByteLevelPre {
 /// A tokenizer plus the generation-relevant facts about its special tokens.
 pub struct ModelTokenizer {
     /// Ready to encode/decode; special-token texts in the input map to their ids.
-    pub tokenizer: Tokenizer,
+    /// Shared: every request's detokenizer holds a reference.
+    pub tokenizer: std::sync::Arc<Tokenizer>,
     pub bos_token_id: Option<u32>,
     /// Every id that ends generation: EOS, end-of-turn/message tokens, and for Hugging Face
     /// folders the `generation_config.json` list. EOS (if any) comes first.
@@ -229,7 +230,7 @@ impl ModelTokenizer {
             None => None,
         };
         Ok(Self {
-            tokenizer,
+            tokenizer: std::sync::Arc::new(tokenizer),
             bos_token_id,
             eos_token_ids,
             add_bos_token,
@@ -286,7 +287,7 @@ impl ModelTokenizer {
         };
         let chat_template = source.and_then(|src| compile_template(&src, bos_text, eos_text));
         Ok(Self {
-            tokenizer,
+            tokenizer: std::sync::Arc::new(tokenizer),
             bos_token_id,
             eos_token_ids,
             add_bos_token,
