@@ -83,9 +83,10 @@ impl Engine {
         eos_token_ids: Vec<u32>,
     ) -> Result<Self, EngineError> {
         let spec = model.kv_cache_spec();
-        if config.block_size == 0 {
+        let sc = &config.scheduler;
+        if config.block_size == 0 || sc.max_num_seqs == 0 || sc.max_num_batched_tokens == 0 {
             return Err(EngineError::Config(
-                "the block size must be at least 1".into(),
+                "block size, max_num_seqs and max_num_batched_tokens must be at least 1".into(),
             ));
         }
         let num_blocks = match (config.num_blocks, config.kv_cache_memory) {
