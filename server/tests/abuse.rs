@@ -423,15 +423,7 @@ async fn every_bad_request_gets_its_4xx_in_openai_shape() {
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("8192") && msg.contains("100000"), "{msg}");
     // Still healthy, still answering, nothing held.
-    assert_eq!(
-        s.client
-            .get(s.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(s.health().await, 200);
     let (status, _) = s.chat(chat_body("Hi", 2)).await;
     assert_eq!(status, 200);
     s.assert_idle().await;

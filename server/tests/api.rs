@@ -204,13 +204,5 @@ async fn api_key_is_required_when_set() {
         .unwrap();
     assert_eq!(r.status(), 200);
     // Health and metrics stay open for probes.
-    assert_eq!(
-        s.client
-            .get(s.url("/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(s.health().await, 200);
 }

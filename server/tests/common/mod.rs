@@ -56,6 +56,17 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
+    /// `GET /health`'s status code.
+    pub async fn health(&self) -> u16 {
+        self.client
+            .get(self.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = self
             .client
