@@ -6,12 +6,17 @@
 //! - [`peak_rss_bytes`]: the process's peak resident set (`VmHWM`).
 //! - [`load_average`], [`process_cpu_time`]: how much of the machine the run really had.
 //! - [`median`]: the statistic reported for repeated runs.
-//! - [`loadgen`]: the load generator for OpenAI-compatible servers (`load-gen`).
+//! - [`loadgen`]: the load generator for OpenAI-compatible servers (`load-gen`), with request
+//!   lengths from [`lengths`] and latency-versus-throughput plots from [`plot`].
+//!
+//! Criterion microbenchmarks of the engine's and kernels' hot pieces are in `benches/`.
 
+pub mod lengths;
 pub mod loadgen;
+pub mod plot;
 
 /// The machine a benchmark ran on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct MachineInfo {
     /// `model name` from `/proc/cpuinfo` ("unknown" elsewhere).
     pub cpu_model: String,

@@ -1,6 +1,7 @@
 //! `pagoda`: the serving engine's one binary.
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod generate;
 
 #[derive(Parser)]
@@ -20,6 +21,8 @@ enum Command {
     Serve(pagoda_server::serve::ServeArgs),
     /// Generate an answer for one prompt and print it as it streams.
     Generate(generate::GenerateArgs),
+    /// Benchmarks: `pagoda bench throughput` (offline, straight into the engine).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
