@@ -16,7 +16,7 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    const SOURCES: &[&str] = &["paged"];
+    const SOURCES: &[&str] = &["paged", "lora"];
     for name in SOURCES {
         let src = format!("src/cuda/{name}.cu");
         let ptx = out.join(format!("{name}.ptx"));

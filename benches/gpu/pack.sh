@@ -24,7 +24,7 @@ strip -o build/cuda/gpu-bench build/cuda/target/release/gpu-bench
 xz -T2 -6 -c build/cuda/gpu-bench > "$out/gpu-bench.xz"
 # Test binaries: kernels (paged attention vs CPU) and model parity, built like the binary.
 tests=$(scripts/build-cuda test -p pagoda-kernels -p pagoda-tests 2>&1 |
-  sed -n 's/.*Executable tests\/\(paged\|parity\|quant_formats\)\.rs (\(.*\))/\1 \2/p')
+  sed -n 's/.*Executable tests\/\(paged\|parity\|quant_formats\|lora_bgmv\|lora_parity\)\.rs (\(.*\))/\1 \2/p')
 while read -r name path; do
   strip -o "build/cuda/test-$name" "$path"
   xz -T2 -6 -c "build/cuda/test-$name" > "$out/test-$name.xz"

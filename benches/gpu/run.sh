@@ -7,6 +7,8 @@
 #   benches/gpu/run.sh generate    join the parts and generate with it on the GPU
 #   benches/gpu/run.sh bench       gpu-bench (random weights, real shapes) and the Hugging Face
 #                                  transformers baseline on the same shapes, in one run
+#   benches/gpu/run.sh lora        offline throughput with 0, 1, 8 and 64 distinct random rank-16
+#                                  adapters (Llama-3-8B shape), one engine, back to back
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 carry=build/gpu-carry
@@ -43,5 +45,9 @@ case "${1:-checks}" in
     timeout 270 "$b" --shape llama3-8b --num-requests "${2:-512}" --prompt-len 512 --gen-len 256
     timeout 60 python3 benches/gpu/hf_baseline.py --shape smollm2-135m --batch 1 --gen-len 128
     timeout 150 python3 benches/gpu/hf_baseline.py --shape llama3-8b --batch 1 32 --gen-len 128
+    ;;
+  lora)
+    timeout 500 "$stash/bin/gpu-bench" --shape llama3-8b --batch1-steps 32 --num-requests "${2:-256}" \
+      --prompt-len 128 --gen-len 128 --lora-adapters 0 1 8 64 0 --lora-rank 16
     ;;
 esac

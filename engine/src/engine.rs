@@ -1,5 +1,6 @@
 //! The engine proper: model, KV cache and scheduler, owned by one thread. `step()` is
 //! schedule → execute → update and nothing else.
+use pagoda_adapters::{AdapterLimits, AdapterSlots};
 use pagoda_models::{Model, PagedKvCache};
 
 use crate::kv::KvCacheManager;
@@ -23,6 +24,8 @@ pub struct EngineConfig {
     pub gpu_memory_utilization: f64,
     /// Requests allowed to wait for a slot beyond those running (excess gets `QueueFull`).
     pub max_waiting: usize,
+    /// LoRA adapters: `None` serves the base model only (no device slots).
+    pub lora: Option<AdapterLimits>,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +37,7 @@ impl Default for EngineConfig {
             kv_cache_memory: None,
             gpu_memory_utilization: 0.9,
             max_waiting: 256,
+            lora: None,
         }
     }
 }
@@ -50,6 +54,8 @@ pub struct EngineStats {
     pub num_blocks: usize,
     pub block_size: usize,
     pub num_preemptions: u64,
+    /// Adapters copied into a LoRA device slot so far.
+    pub num_lora_slot_loads: u64,
 }
 
 /// KV pool bytes when none were asked for: on a GPU what `gpu_memory_utilization` leaves after
@@ -74,11 +80,12 @@ pub struct Engine {
     model: Box<dyn Model>,
     cache: PagedKvCache,
     scheduler: Scheduler,
+    lora_slots: AdapterSlots,
 }
 
 impl Engine {
     pub fn new(
-        model: Box<dyn Model>,
+        mut model: Box<dyn Model>,
         config: &EngineConfig,
         eos_token_ids: Vec<u32>,
     ) -> Result<Self, EngineError> {
@@ -88,6 +95,16 @@ impl Engine {
             return Err(EngineError::Config(
                 "block size, max_num_seqs and max_num_batched_tokens must be at least 1".into(),
             ));
+        }
+        let max_loras = config.lora.map_or(0, |l| l.max_loras);
+        if let Some(l) = &config.lora {
+            if l.max_loras == 0 || l.max_lora_rank == 0 {
+                return Err(EngineError::Config(
+                    "with LoRA on, max_loras and max_lora_rank must be at least 1".into(),
+                ));
+            }
+            // Before the KV pool is sized, so the slots' memory is counted as in use.
+            model.init_lora_slots(l.max_loras, l.max_lora_rank)?;
         }
         let num_blocks = match (config.num_blocks, config.kv_cache_memory) {
             (Some(n), _) => n,
@@ -106,11 +123,13 @@ impl Engine {
         }
         let cache = PagedKvCache::new(&spec, num_blocks, config.block_size, model.device())?;
         let kv = KvCacheManager::new(num_blocks, config.block_size);
-        let scheduler = Scheduler::new(config.scheduler, kv, eos_token_ids);
+        let mut scheduler = Scheduler::new(config.scheduler, kv, eos_token_ids);
+        scheduler.set_max_loras(max_loras);
         Ok(Self {
             model,
             cache,
             scheduler,
+            lora_slots: AdapterSlots::new(max_loras),
         })
     }
 
@@ -139,6 +158,7 @@ impl Engine {
             num_blocks: kv.num_blocks(),
             block_size: kv.block_size(),
             num_preemptions: self.scheduler.num_preemptions(),
+            num_lora_slot_loads: self.lora_slots.num_loads(),
         }
     }
 
@@ -149,12 +169,22 @@ impl Engine {
         if out.is_empty() {
             return Ok(Vec::new());
         }
-        match runner::execute(
+        let run = runner::activate_adapters(
             &out,
-            &mut self.scheduler,
-            self.model.as_ref(),
-            &mut self.cache,
-        ) {
+            &self.scheduler,
+            &mut self.lora_slots,
+            self.model.as_mut(),
+        )
+        .and_then(|slots| {
+            runner::execute(
+                &out,
+                &mut self.scheduler,
+                self.model.as_ref(),
+                &mut self.cache,
+                slots.as_ref(),
+            )
+        });
+        match run {
             Ok(sampled) => Ok(self.scheduler.update(&out, sampled)),
             Err(e) => {
                 let ids: Vec<RequestId> = out.scheduled.iter().map(|s| s.id).collect();

@@ -23,6 +23,8 @@ pub enum EngineError {
     Generation(String),
     #[error("invalid engine config: {0}")]
     Config(String),
+    #[error(transparent)]
+    Adapter(Box<pagoda_adapters::AdapterError>),
 }
 
 impl EngineError {
@@ -42,6 +44,7 @@ impl EngineError {
             EngineError::Model(_) => "model",
             EngineError::Generation(_) => "generation",
             EngineError::Config(_) => "config",
+            EngineError::Adapter(e) => e.kind(),
         }
     }
 
@@ -51,6 +54,12 @@ impl EngineError {
             EngineError::ContextLength(_) => Some("messages"),
             _ => None,
         }
+    }
+}
+
+impl From<pagoda_adapters::AdapterError> for EngineError {
+    fn from(e: pagoda_adapters::AdapterError) -> Self {
+        EngineError::Adapter(Box::new(e))
     }
 }
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
+use pagoda_adapters::{AdapterError, AdapterRegistry, LoraAdapter};
 use pagoda_models::LoadedModel;
 use tokio::sync::{mpsc as tmpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -53,6 +54,8 @@ struct Inner {
     permits: Arc<Semaphore>,
     max_waiting: usize,
     info: ModelInfo,
+    /// `None` when the engine runs without LoRA slots.
+    adapters: Option<Arc<AdapterRegistry>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -74,6 +77,10 @@ impl EngineHandle {
         let max_context_len = model.max_context_len();
         let vocab_size = model.vocab_size();
         let mut engine = Engine::new(model, &config, tokenizer.eos_token_ids.clone())?;
+        let adapters = config.lora.map(|limits| {
+            let shapes = engine.model().lora_shapes();
+            Arc::new(AdapterRegistry::new(shapes, limits, vec![name.clone()]))
+        });
         warm_up(&mut engine)?;
         let stats = engine.stats();
         let info = ModelInfo {
@@ -104,6 +111,7 @@ impl EngineHandle {
                 permits: Arc::new(Semaphore::new(in_flight)),
                 max_waiting: config.max_waiting,
                 info,
+                adapters,
                 thread: std::sync::Mutex::new(Some(thread)),
             }),
         })
@@ -113,6 +121,20 @@ impl EngineHandle {
         &self.inner.info
     }
 
+    /// The LoRA adapter registry, when the engine has LoRA slots.
+    pub fn adapters(&self) -> Option<&Arc<AdapterRegistry>> {
+        self.inner.adapters.as_ref()
+    }
+
+    fn resolve_adapter(&self, name: &str) -> Result<Arc<LoraAdapter>, EngineError> {
+        let registry = self
+            .inner
+            .adapters
+            .as_ref()
+            .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+        Ok(registry.resolve(name)?)
+    }
+
     pub fn tokenizer(&self) -> &Arc<pagoda_models::tokenizer::ModelTokenizer> {
         &self.inner.validator.tokenizer
     }
@@ -120,12 +142,17 @@ impl EngineHandle {
     /// Validates (tokenizing off the async runtime) and queues a request. `QueueFull` when too
     /// many are in flight.
     pub async fn submit(&self, request: GenerateRequest) -> Result<RequestStream, EngineError> {
+        // The request holds the generation it resolves now, whatever happens to the name later.
+        let adapter = match &request.adapter {
+            Some(name) => Some(self.resolve_adapter(name)?),
+            None => None,
+        };
         let permit = self.acquire()?;
         let this = self.clone();
         let valid = tokio::task::spawn_blocking(move || this.inner.validator.validate(request))
             .await
             .map_err(|_| EngineError::Unavailable)??;
-        self.enqueue(valid, permit)
+        self.enqueue(valid, permit, adapter)
     }
 
     fn acquire(&self) -> Result<OwnedSemaphorePermit, EngineError> {
@@ -140,6 +167,7 @@ impl EngineHandle {
         &self,
         valid: ValidRequest,
         permit: OwnedSemaphorePermit,
+        adapter: Option<Arc<LoraAdapter>>,
     ) -> Result<RequestStream, EngineError> {
         let id = RequestId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         let (prompt_tokens, params, stop, skip_special) = valid.into_parts();
@@ -155,7 +183,8 @@ impl EngineHandle {
             stop,
             skip_special,
         );
-        let request = Request::new(id, prompt_tokens, params, self.inner.info.max_context_len);
+        let mut request = Request::new(id, prompt_tokens, params, self.inner.info.max_context_len);
+        request.adapter = adapter;
         self.inner
             .commands
             .send(Command::Add {

@@ -1,4 +1,8 @@
 //! A request as the engine thread owns it: token ids, progress and sampling state.
+use std::sync::Arc;
+
+use pagoda_adapters::{AdapterId, LoraAdapter};
+
 use crate::sampler::SequenceSampler;
 use crate::SamplingParams;
 
@@ -53,6 +57,8 @@ pub struct Request {
     /// Generation ends here at the latest (prompt + max_tokens, capped by the context length).
     pub max_total_tokens: usize,
     pub num_preemptions: usize,
+    /// The LoRA adapter generation the request runs with (held until it finishes), if any.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl Request {
@@ -76,7 +82,12 @@ impl Request {
             status: RequestStatus::Waiting,
             max_total_tokens,
             num_preemptions: 0,
+            adapter: None,
         }
+    }
+
+    pub fn adapter_id(&self) -> Option<AdapterId> {
+        self.adapter.as_ref().map(|a| a.id)
     }
 
     pub fn num_tokens(&self) -> usize {

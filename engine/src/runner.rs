@@ -1,6 +1,11 @@
 //! Turns a scheduler decision into a model forward and sampled tokens: builds the flattened
-//! [`ForwardBatch`] (tokens, slots, block tables), runs the model, samples per request.
-use pagoda_kernels::AttentionMetadata;
+//! [`ForwardBatch`] (tokens, slots, block tables, LoRA slots), runs the model, samples per
+//! request.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pagoda_adapters::{AdapterId, AdapterSlots, LoraAdapter};
+use pagoda_kernels::{AttentionMetadata, LoraIndices, NO_SLOT};
 use pagoda_models::{ForwardBatch, Model, PagedKvCache};
 
 use crate::request::RequestId;
@@ -8,8 +13,34 @@ use crate::sampler::SampledToken;
 use crate::scheduler::{Scheduler, SchedulerOutput};
 use crate::EngineError;
 
-/// The step's batch, in scheduled order.
-pub fn build_batch(out: &SchedulerOutput, scheduler: &Scheduler) -> ForwardBatch {
+/// Puts the step's adapters into device slots; `None` when no scheduled request has one.
+pub fn activate_adapters(
+    out: &SchedulerOutput,
+    scheduler: &Scheduler,
+    slots: &mut AdapterSlots,
+    model: &mut dyn Model,
+) -> Result<Option<HashMap<AdapterId, u32>>, EngineError> {
+    let mut adapters = Vec::new();
+    for s in &out.scheduled {
+        let req = scheduler.request(s.id).expect("scheduled request exists");
+        if let Some(a) = &req.adapter {
+            if !adapters.iter().any(|b: &&Arc<LoraAdapter>| b.id == a.id) {
+                adapters.push(a);
+            }
+        }
+    }
+    if adapters.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(slots.activate(&adapters, model)?))
+}
+
+/// The step's batch, in scheduled order. `lora_slots` maps the step's adapters to their slots.
+pub fn build_batch(
+    out: &SchedulerOutput,
+    scheduler: &Scheduler,
+    lora_slots: Option<&HashMap<AdapterId, u32>>,
+) -> ForwardBatch {
     let kv = scheduler.kv();
     let max_blocks_per_seq = out
         .scheduled
@@ -27,9 +58,15 @@ pub fn build_batch(out: &SchedulerOutput, scheduler: &Scheduler) -> ForwardBatch
             max_blocks_per_seq,
         ),
         logits_indices: Vec::new(),
+        lora: None,
     };
+    let mut token_slots = Vec::new();
     for s in &out.scheduled {
         let req = scheduler.request(s.id).expect("scheduled request exists");
+        if let Some(map) = lora_slots {
+            let slot = req.adapter_id().map_or(NO_SLOT, |a| map[&a]);
+            token_slots.extend(std::iter::repeat_n(slot, s.num_new_tokens));
+        }
         let end = s.num_computed_tokens + s.num_new_tokens;
         for p in s.num_computed_tokens..end {
             batch.input_ids.push(req.token(p));
@@ -53,6 +90,9 @@ pub fn build_batch(out: &SchedulerOutput, scheduler: &Scheduler) -> ForwardBatch
             batch.logits_indices.push(batch.input_ids.len() as u32 - 1);
         }
     }
+    if lora_slots.is_some() {
+        batch.lora = Some(LoraIndices::new(token_slots));
+    }
     batch
 }
 
@@ -64,8 +104,9 @@ pub fn execute(
     scheduler: &mut Scheduler,
     model: &dyn Model,
     cache: &mut PagedKvCache,
+    lora_slots: Option<&HashMap<AdapterId, u32>>,
 ) -> Result<Vec<(RequestId, SampledToken)>, EngineError> {
-    let batch = build_batch(out, scheduler);
+    let batch = build_batch(out, scheduler, lora_slots);
     let logits = model.forward(&batch, cache)?;
     if batch.logits_indices.is_empty() {
         return Ok(Vec::new());

@@ -2,7 +2,7 @@
 //! requests first (a decode costs one token, an unfinished prompt a chunk of it), then waiting
 //! requests in queue order. When the KV pool runs dry the newest running request is preempted
 //! (its blocks freed; it recomputes later). The scheduler never touches a tensor.
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::kv::KvCacheManager;
 use crate::request::{FinishReason, Request, RequestId, RequestStatus};
@@ -106,6 +106,8 @@ pub struct Scheduler {
     running: Vec<RequestId>,
     eos_token_ids: Vec<u32>,
     num_preemptions: u64,
+    /// Most distinct LoRA adapters among the running requests (the model's device slots).
+    max_loras: usize,
 }
 
 impl Scheduler {
@@ -131,7 +133,13 @@ impl Scheduler {
             running: Vec::new(),
             eos_token_ids,
             num_preemptions: 0,
+            max_loras: 0,
         }
+    }
+
+    /// Lets requests with adapters run, at most `n` distinct adapters at a time.
+    pub fn set_max_loras(&mut self, n: usize) {
+        self.max_loras = n;
     }
 
     pub fn kv(&self) -> &KvCacheManager {
@@ -174,6 +182,10 @@ impl Scheduler {
     pub fn add(&mut self, request: Request) {
         let id = request.id;
         debug_assert!(!self.requests.contains_key(&id), "request id reused");
+        debug_assert!(
+            request.adapter.is_none() || self.max_loras > 0,
+            "an adapter request without LoRA slots would never run"
+        );
         self.requests.insert(id, request);
         self.waiting.push_back(id);
     }
@@ -236,13 +248,28 @@ impl Scheduler {
             i += 1;
         }
 
-        // New requests only when nobody had to make room this step.
+        // New requests only when nobody had to make room this step. Those whose adapter would
+        // exceed the LoRA slots wait (in order) for a running adapter to finish.
+        let mut adapters: HashSet<_> = self
+            .running
+            .iter()
+            .filter_map(|id| self.requests[id].adapter_id())
+            .collect();
+        let mut skipped = Vec::new();
         while out.preempted.is_empty()
             && budget > 0
             && self.running.len() < self.config.max_num_seqs
         {
             let Some(id) = self.waiting.peek() else { break };
             let req = &self.requests[&id];
+            if let Some(a) = req.adapter_id() {
+                if !adapters.contains(&a) && adapters.len() >= self.max_loras {
+                    self.waiting.pop();
+                    skipped.push(id);
+                    continue;
+                }
+                adapters.insert(a);
+            }
             let num_new = (req.num_tokens() - req.num_computed_tokens).min(budget);
             let target = req.num_computed_tokens + num_new;
             if !self.kv.allocate_slots(id, target) {
@@ -259,6 +286,9 @@ impl Scheduler {
             });
             self.running.push(id);
             budget -= num_new;
+        }
+        for id in skipped.into_iter().rev() {
+            self.waiting.push_front(id);
         }
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget;
         out

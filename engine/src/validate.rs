@@ -28,6 +28,8 @@ pub struct GenerateRequest {
     /// Stop strings (matched on the text at the edge; not part of the output).
     pub stop: Vec<String>,
     pub skip_special_tokens: bool,
+    /// A LoRA adapter by name; `None` runs the base model.
+    pub adapter: Option<String>,
 }
 
 impl GenerateRequest {
@@ -37,6 +39,7 @@ impl GenerateRequest {
             params,
             stop: Vec::new(),
             skip_special_tokens: true,
+            adapter: None,
         }
     }
 }

@@ -174,3 +174,97 @@ pub fn paged_attention(
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
 }
+
+const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+const LORA_MODULE: &str = "pagoda_lora";
+
+/// Batched LoRA delta `[T, OUT]` in x's dtype (see `lora.rs`).
+pub fn lora_bgmv(
+    (x, xl): (&CudaStorage, &Layout),
+    (a, al): (&CudaStorage, &Layout),
+    (bt, btl): (&CudaStorage, &Layout),
+    idx: &crate::lora::LoraIndices,
+    rank: usize,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = x.device().clone();
+    let (num_tokens, in_f) = xl.shape().dims2()?;
+    let out_f = btl.shape().dims2()?.1;
+    let shape = Shape::from((num_tokens, out_f));
+    let slots = match idx.on_device.get() {
+        Some(s) => s,
+        None => {
+            let s = dev.clone_htod(&idx.token_slots)?;
+            idx.on_device.get_or_init(|| s)
+        }
+    };
+    // SAFETY: the shrink kernel writes all `T * R` values.
+    let v = unsafe { dev.alloc::<f32>(num_tokens * rank)? };
+    let dims = [num_tokens as u32, rank as u32, in_f as u32, out_f as u32];
+    let shrink = LaunchConfig {
+        grid_dim: (((num_tokens * rank) as u32).div_ceil(WARPS).max(1), 1, 1),
+        block_dim: (32 * WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let expand = LaunchConfig {
+        grid_dim: ((out_f as u32).div_ceil(256), num_tokens as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    macro_rules! launch {
+        ($ty:ty, $name:literal, $x:expr, $a:expr, $bt:expr) => {{
+            // SAFETY: every element of `out` is written by the expand kernel.
+            let mut out = unsafe { dev.alloc::<$ty>(num_tokens * out_f)? };
+            if num_tokens > 0 {
+                let (xs, as_, bs) = (
+                    $x.slice(range(xl)?),
+                    $a.slice(range(al)?),
+                    $bt.slice(range(btl)?),
+                );
+                let f = dev.get_or_load_custom_func(
+                    concat!("lora_shrink_", $name),
+                    LORA_MODULE,
+                    LORA_PTX,
+                )?;
+                let mut b = f.builder();
+                b.arg(&xs);
+                b.arg(&as_);
+                b.arg(slots);
+                b.arg(&v);
+                b.arg(&dims[0]);
+                b.arg(&dims[1]);
+                b.arg(&dims[2]);
+                // SAFETY: `lora_apply` checked the shapes and that every slot index is inside
+                // the stack.
+                unsafe { b.launch(shrink) }.w()?;
+                let f = dev.get_or_load_custom_func(
+                    concat!("lora_expand_", $name),
+                    LORA_MODULE,
+                    LORA_PTX,
+                )?;
+                let mut b = f.builder();
+                b.arg(&v);
+                b.arg(&bs);
+                b.arg(slots);
+                b.arg(&mut out);
+                b.arg(&dims[1]);
+                b.arg(&dims[3]);
+                // SAFETY: as above.
+                unsafe { b.launch(expand) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    let out = match (&x.slice, &a.slice, &bt.slice) {
+        (CudaStorageSlice::F32(x), CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => {
+            launch!(f32, "f32", x, a, b)
+        }
+        (CudaStorageSlice::F16(x), CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => {
+            launch!(half::f16, "f16", x, a, b)
+        }
+        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => {
+            launch!(half::bf16, "bf16", x, a, b)
+        }
+        _ => candle_core::bail!("lora_apply: unsupported dtype on cuda"),
+    };
+    Ok((out, shape))
+}

@@ -6,6 +6,9 @@
 //!   tokens over the paged cache ([`paged_attention`]) — one op for prefill, chunked prefill and
 //!   decode.
 //!
+//! - [`lora`]: batched LoRA over a flattened batch ([`lora_apply`]): every token gets the
+//!   low-rank update of its own adapter slot in a [`LoraStack`], or none.
+//!
 //! - [`device`]: the one place that knows whether CUDA is compiled in and present.
 //!
 //! Every op has a CPU implementation (the reference) and, with the `cuda` feature, a CUDA one
@@ -20,7 +23,9 @@ pub mod cpu_quant;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod device;
+pub mod lora;
 pub mod paged;
 
 pub use device::{select_device, DeviceChoice};
+pub use lora::{lora_apply, LoraIndices, LoraStack, NO_SLOT};
 pub use paged::{paged_attention, reshape_and_cache, AttentionMetadata, PagedKvLayer};

@@ -1,7 +1,9 @@
 //! The contract between the engine and a model: one forward over a flattened varlen batch that
 //! reads and writes keys and values only through the paged cache.
 use candle_core::{DType, Device, Tensor};
-use pagoda_kernels::{AttentionMetadata, PagedKvLayer};
+use pagoda_kernels::{AttentionMetadata, LoraIndices, PagedKvLayer};
+
+use crate::lora::{LoraShapes, LoraWeights};
 
 use crate::Result;
 
@@ -69,6 +71,9 @@ pub struct ForwardBatch {
     /// Indices into the flattened tokens whose logits are wanted (usually each sequence's last
     /// scheduled token, when it will sample).
     pub logits_indices: Vec<u32>,
+    /// Each token's LoRA slot (`pagoda_kernels::NO_SLOT` for none); `None` when no token of the
+    /// step uses an adapter.
+    pub lora: Option<LoraIndices>,
 }
 
 /// A causal language model over the paged cache.
@@ -82,4 +87,13 @@ pub trait Model: Send {
     fn activation_bytes_per_token(&self) -> usize;
     /// Logits `[logits_indices.len(), vocab]`, f32.
     fn forward(&self, batch: &ForwardBatch, cache: &mut PagedKvCache) -> Result<Tensor>;
+    /// The projections adapters may target and their shapes.
+    fn lora_shapes(&self) -> LoraShapes;
+    /// Allocates `num_slots` device slots of rank up to `max_rank` for every target (once,
+    /// before the KV pool is sized).
+    fn init_lora_slots(&mut self, num_slots: usize, max_rank: usize) -> Result<()>;
+    /// Device bytes the LoRA slots take.
+    fn lora_slot_bytes(&self) -> usize;
+    /// Copies an adapter into `slot` (`None` clears it).
+    fn set_lora_slot(&mut self, slot: usize, weights: Option<&LoraWeights>) -> Result<()>;
 }

@@ -1,4 +1,5 @@
 //! The router, shared state and the small pieces every handler uses (auth, body parsing, SSE).
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -27,15 +28,30 @@ pub struct AppState {
     pub served_model_name: String,
     pub api_key: Option<String>,
     pub shutting_down: AtomicBool,
+    pub admin: AdminConfig,
     next_id: AtomicU64,
 }
 
+/// Who may load and unload adapters at run time, and from where.
+#[derive(Clone, Debug, Default)]
+pub struct AdminConfig {
+    /// Runtime adapter loads only from under this directory; `None` turns them off.
+    pub lora_dir: Option<PathBuf>,
+    /// When set, admin endpoints want `Authorization: Bearer <token>` (instead of the API key).
+    pub admin_token: Option<String>,
+}
+
 impl AppState {
-    pub fn new(served_model_name: String, api_key: Option<String>) -> Arc<Self> {
+    pub fn new(
+        served_model_name: String,
+        api_key: Option<String>,
+        admin: AdminConfig,
+    ) -> Arc<Self> {
         Arc::new(Self {
             engine: OnceLock::new(),
             served_model_name,
             api_key,
+            admin,
             shutting_down: AtomicBool::new(false),
             next_id: AtomicU64::new(unix_now()),
         })
@@ -52,6 +68,20 @@ pub fn unix_now() -> u64 {
 #[derive(Clone)]
 pub struct Ctx(pub Arc<AppState>);
 
+fn check_bearer(parts: &Parts, key: Option<&str>) -> Result<(), ApiError> {
+    let Some(key) = key else { return Ok(()) };
+    let given = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized())
+    }
+}
+
 impl FromRequestParts<Arc<AppState>> for Ctx {
     type Rejection = ApiError;
 
@@ -59,17 +89,29 @@ impl FromRequestParts<Arc<AppState>> for Ctx {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        if let Some(key) = &state.api_key {
-            let given = parts
-                .headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if given != Some(key.as_str()) {
-                return Err(ApiError::unauthorized());
-            }
-        }
+        check_bearer(parts, state.api_key.as_deref())?;
         Ok(Ctx(state.clone()))
+    }
+}
+
+/// A request allowed to use the admin endpoints: the admin token when one is set, else the
+/// API key.
+pub struct AdminCtx(pub Ctx);
+
+impl FromRequestParts<Arc<AppState>> for AdminCtx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let key = state
+            .admin
+            .admin_token
+            .as_deref()
+            .or(state.api_key.as_deref());
+        check_bearer(parts, key)?;
+        Ok(AdminCtx(Ctx(state.clone())))
     }
 }
 
@@ -85,9 +127,20 @@ impl Ctx {
             .ok_or_else(|| ApiError::unavailable("the model is still loading; retry shortly"))
     }
 
-    pub fn check_model(&self, model: &str) -> Result<(), ApiError> {
+    /// `None` for the base model, the adapter's name for a registered LoRA adapter; 404
+    /// otherwise (never a silent fallback to the base model).
+    pub fn resolve_model(&self, model: &str) -> Result<Option<String>, ApiError> {
         if model == self.0.served_model_name {
-            Ok(())
+            return Ok(None);
+        }
+        let known = self
+            .0
+            .engine
+            .get()
+            .and_then(|e| e.adapters())
+            .is_some_and(|r| r.resolve(model).is_ok());
+        if known {
+            Ok(Some(model.to_string()))
         } else {
             Err(ApiError::model_not_found(model))
         }
@@ -183,32 +236,44 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// The base model, then every LoRA adapter with the base as its `parent`.
 async fn models(ctx: Ctx) -> Response {
     let state = &ctx.0;
-    let max_model_len = state.engine.get().map(|e| e.info().max_context_len);
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.served_model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "pagoda",
-            "root": state.engine.get().map(|e| e.info().name.clone()),
-            "parent": null,
-            "max_model_len": max_model_len,
-        }],
-    }))
-    .into_response()
+    let engine = state.engine.get();
+    let max_model_len = engine.map(|e| e.info().max_context_len);
+    let mut data = vec![json!({
+        "id": state.served_model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "pagoda",
+        "root": engine.map(|e| e.info().name.clone()),
+        "parent": null,
+        "max_model_len": max_model_len,
+    })];
+    if let Some(registry) = engine.and_then(|e| e.adapters()) {
+        data.extend(registry.list().into_iter().map(|a| {
+            json!({
+                "id": a.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "pagoda",
+                "root": a.path,
+                "parent": state.served_model_name,
+                "max_model_len": max_model_len,
+            })
+        }));
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let stats = match state.engine.get() {
-        Some(e) => e.stats().await.ok(),
-        None => None,
+    let (stats, lora) = match state.engine.get() {
+        Some(e) => (e.stats().await.ok(), e.adapters().map(|r| r.stats())),
+        None => (None, None),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        METRICS.render(stats),
+        METRICS.render(stats, lora),
     )
         .into_response()
 }
@@ -234,6 +299,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route(
+            "/v1/load_lora_adapter",
+            post(crate::routes::adapters::load_lora_adapter),
+        )
+        .route(
+            "/v1/unload_lora_adapter",
+            post(crate::routes::adapters::unload_lora_adapter),
+        )
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -266,7 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn while_loading_health_and_api_answer_503() {
-        let state = AppState::new("m".into(), None);
+        let state = AppState::new("m".into(), None, AdminConfig::default());
         let (status, v) = call(
             router(state.clone()),
             axum::http::Request::get("/health")

@@ -2,6 +2,7 @@
 //! `{"error": {"message", "type", "param", "code"}}`.
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use pagoda_adapters::AdapterError;
 use pagoda_engine::EngineError;
 use serde_json::json;
 
@@ -110,17 +111,34 @@ impl ApiError {
     }
 }
 
+impl From<AdapterError> for ApiError {
+    fn from(e: AdapterError) -> Self {
+        match e {
+            AdapterError::NotFound(name) => Self::model_not_found(&name),
+            AdapterError::Model(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, e.kind(), e.to_string())
+            }
+            _ => Self::new(StatusCode::BAD_REQUEST, e.kind(), e.to_string()),
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
+        let e = match e {
+            EngineError::Adapter(a) => return (*a).into(),
+            e => e,
+        };
         let status = match &e {
             EngineError::InvalidRequest { .. } | EngineError::ContextLength(_) => {
                 StatusCode::BAD_REQUEST
             }
             EngineError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             EngineError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            EngineError::Model(_) | EngineError::Config(_) | EngineError::Generation(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            EngineError::Model(_)
+            | EngineError::Config(_)
+            | EngineError::Generation(_)
+            | EngineError::Adapter(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let code = match &e {
             EngineError::ContextLength(_) => Some("context_length_exceeded"),

@@ -29,6 +29,8 @@ pub struct Options {
     pub stream: bool,
     pub include_usage: bool,
     pub skip_special_tokens: bool,
+    /// The LoRA adapter the `model` field named, if not the base model.
+    pub adapter: Option<String>,
 }
 
 fn non_negative(param: &str, v: i64) -> Result<usize, ApiError> {
@@ -113,6 +115,7 @@ pub fn options(f: SamplingFields, logprobs: Option<usize>) -> Result<Options, Ap
         stream,
         include_usage: f.stream_options.is_some_and(|o| o.include_usage),
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
+        adapter: None,
     })
 }
 
@@ -128,6 +131,7 @@ pub fn choices(prompt: pagoda_engine::Prompt, opts: &Options) -> Vec<GenerateReq
                 params,
                 stop: opts.stop.clone(),
                 skip_special_tokens: opts.skip_special_tokens,
+                adapter: opts.adapter.clone(),
             }
         })
         .collect()

@@ -2,6 +2,7 @@
 //! engine's state are read from the engine at scrape time.
 use std::sync::LazyLock;
 
+use pagoda_adapters::RegistryStats;
 use pagoda_engine::EngineStats;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -22,6 +23,9 @@ pub struct Metrics {
     blocks_used: IntGauge,
     blocks_total: IntGauge,
     preemptions: IntGauge,
+    lora_adapters: IntGauge,
+    lora_generations: IntGauge,
+    lora_slot_loads: IntGauge,
 }
 
 fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -79,6 +83,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         blocks_used: gauge("pagoda_kv_blocks_used", "KV cache blocks in use"),
         blocks_total: gauge("pagoda_kv_blocks_total", "KV cache blocks in the pool"),
         preemptions: gauge("pagoda_preemptions_total", "Requests preempted since start"),
+        lora_adapters: gauge("pagoda_lora_adapters", "LoRA adapters registered"),
+        lora_generations: gauge(
+            "pagoda_lora_generations_live",
+            "LoRA adapter generations in memory (registered, or replaced but still in use)",
+        ),
+        lora_slot_loads: gauge(
+            "pagoda_lora_slot_loads_total",
+            "LoRA adapters copied into a device slot since start",
+        ),
         registry,
     };
     let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -94,6 +107,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(m.blocks_used.clone()),
         Box::new(m.blocks_total.clone()),
         Box::new(m.preemptions.clone()),
+        Box::new(m.lora_adapters.clone()),
+        Box::new(m.lora_generations.clone()),
+        Box::new(m.lora_slot_loads.clone()),
     ];
     for c in collectors {
         m.registry.register(c).expect("metric registered once");
@@ -103,7 +119,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 
 impl Metrics {
     /// The text exposition, with the engine gauges as of now.
-    pub fn render(&self, stats: Option<EngineStats>) -> String {
+    pub fn render(&self, stats: Option<EngineStats>, lora: Option<RegistryStats>) -> String {
+        if let Some(l) = lora {
+            self.lora_adapters.set(l.num_adapters as i64);
+            self.lora_generations.set(l.num_live_generations as i64);
+        }
         if let Some(s) = stats {
             self.running.set(s.num_running as i64);
             self.waiting.set(s.num_waiting as i64);
@@ -111,6 +131,7 @@ impl Metrics {
                 .set((s.num_blocks - s.num_free_blocks) as i64);
             self.blocks_total.set(s.num_blocks as i64);
             self.preemptions.set(s.num_preemptions as i64);
+            self.lora_slot_loads.set(s.num_lora_slot_loads as i64);
         }
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

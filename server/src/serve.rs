@@ -8,11 +8,12 @@ use std::time::Duration;
 use std::future::IntoFuture;
 
 use anyhow::Context;
+use pagoda_adapters::AdapterLimits;
 use pagoda_engine::{EngineConfig, EngineHandle, SchedulerConfig};
 use pagoda_kernels::DeviceChoice;
 use pagoda_models::LoadOptions;
 
-use crate::app::{router, AppState};
+use crate::app::{router, AdminConfig, AppState};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -62,6 +63,40 @@ pub struct ServeArgs {
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Serve LoRA adapters (implied by --lora and --lora-dir).
+    #[arg(long)]
+    pub enable_lora: bool,
+    /// A LoRA adapter (PEFT folder) to load at start, as NAME=PATH; repeatable.
+    #[arg(long = "lora", value_name = "NAME=PATH", value_parser = parse_lora)]
+    pub loras: Vec<(String, std::path::PathBuf)>,
+    /// Directory that runtime adapter loads (`POST /v1/load_lora_adapter`) must stay inside.
+    #[arg(long)]
+    pub lora_dir: Option<std::path::PathBuf>,
+    /// Most distinct adapters in one step (device slots).
+    #[arg(long, default_value_t = 4)]
+    pub max_loras: usize,
+    /// Highest adapter rank accepted (sizes the device slots).
+    #[arg(long, default_value_t = 16)]
+    pub max_lora_rank: usize,
+    /// Most adapters registered at once.
+    #[arg(long, default_value_t = 128)]
+    pub max_adapters: usize,
+    /// Most bytes of registered adapters' weights in host memory.
+    #[arg(long, default_value_t = 4 << 30)]
+    pub max_adapter_memory: usize,
+    /// Token the admin endpoints require (`Authorization: Bearer ...`); without it they take
+    /// the API key.
+    #[arg(long, env = "PAGODA_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+}
+
+fn parse_lora(s: &str) -> Result<(String, std::path::PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok((name.to_string(), path.into()))
+        }
+        _ => Err(format!("expected NAME=PATH, got {s:?}")),
+    }
 }
 
 /// Device and float type for a model, logging when `auto` falls back to the CPU.
@@ -137,7 +172,11 @@ async fn shutdown_signal() {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let path = pagoda_models::resolve_model_path(Some(&args.model))?;
-    let state = AppState::new(served_name(&args, &path), args.api_key.clone());
+    let admin = AdminConfig {
+        lora_dir: args.lora_dir.clone(),
+        admin_token: args.admin_token.clone(),
+    };
+    let state = AppState::new(served_name(&args, &path), args.api_key.clone(), admin);
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .context("invalid --host/--port")?;
@@ -156,7 +195,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         kv_cache_memory: args.kv_cache_memory,
         gpu_memory_utilization: args.gpu_memory_utilization,
         max_waiting: args.max_waiting,
+        lora: (args.enable_lora || !args.loras.is_empty() || args.lora_dir.is_some()).then_some(
+            AdapterLimits {
+                max_loras: args.max_loras,
+                max_lora_rank: args.max_lora_rank,
+                max_adapters: args.max_adapters,
+                max_adapter_bytes: args.max_adapter_memory,
+            },
+        ),
     };
+    let loras = args.loras.clone();
     let loader_state = state.clone();
     let opts = load_options(args.device, &args.dtype, args.dequantize, &path)?;
     let loading = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -174,6 +222,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "model loaded"
         );
         let engine = EngineHandle::start(loaded, config)?;
+        if let Some(registry) = engine.adapters() {
+            for (name, dir) in &loras {
+                let a = registry
+                    .load(name, dir)
+                    .with_context(|| format!("--lora {name}={}", dir.display()))?;
+                tracing::info!(name = %a.name, path = %a.path.display(), rank = a.rank, "LoRA adapter loaded");
+            }
+        }
         let info = engine.info();
         tracing::info!(
             served_model_name = %loader_state.served_model_name,

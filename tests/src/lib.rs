@@ -3,7 +3,9 @@ use std::path::PathBuf;
 
 use candle_core::Tensor;
 use pagoda_kernels::AttentionMetadata;
+use pagoda_kernels::LoraIndices;
 use pagoda_models::{ForwardBatch, Model, PagedKvCache};
+use serde::Deserialize;
 
 /// `tests/fixtures/NAME`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -32,6 +34,8 @@ pub fn default_model() -> PathBuf {
 /// using a deliberately scrambled block table. Returns the logits of every token.
 pub struct PagedRunner {
     pub cache: PagedKvCache,
+    /// Every token's LoRA slot, when set.
+    pub lora_slot: Option<u32>,
     table: Vec<u32>,
     tokens: Vec<u32>,
 }
@@ -53,6 +57,7 @@ impl PagedRunner {
         table.extend((0..num_blocks as u32).filter(|b| b % 2 == 0));
         Self {
             cache,
+            lora_slot: None,
             table,
             tokens: Vec::new(),
         }
@@ -78,6 +83,7 @@ impl PagedRunner {
             input_ids: new.to_vec(),
             attention,
             logits_indices: (0..new.len() as u32).collect(),
+            lora: self.lora_slot.map(|s| LoraIndices::new(vec![s; new.len()])),
         };
         let logits: Tensor = model.forward(&batch, &mut self.cache).unwrap();
         logits.to_vec2().unwrap()
@@ -100,4 +106,70 @@ pub fn argmax(v: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[derive(Deserialize)]
+pub struct Step {
+    pub token: u32,
+    pub logits: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+pub struct Expected {
+    pub prompt_ids: Vec<u32>,
+    pub prefill_logits: Vec<Vec<f32>>,
+    pub decode: Vec<Step>,
+}
+
+pub fn expected(name: &str) -> Expected {
+    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub const TOL: f32 = 1e-4;
+
+/// Prefill in chunks of `chunk` tokens, then decode the reference's greedy tokens, comparing
+/// every logit row (and, when `greedy`, that our argmax picks the same tokens).
+pub fn check(
+    model: &dyn Model,
+    exp: &Expected,
+    chunk: usize,
+    block_size: usize,
+    tol: f32,
+    greedy: bool,
+) {
+    check_with_lora(model, exp, (chunk, block_size), tol, greedy, None)
+}
+
+/// [`check`] with every token on LoRA slot `lora_slot`.
+pub fn check_with_lora(
+    model: &dyn Model,
+    exp: &Expected,
+    (chunk, block_size): (usize, usize),
+    tol: f32,
+    greedy: bool,
+    lora_slot: Option<u32>,
+) {
+    let mut runner = PagedRunner::new(model, 16, block_size);
+    runner.lora_slot = lora_slot;
+    let mut rows = Vec::new();
+    for part in exp.prompt_ids.chunks(chunk) {
+        rows.extend(runner.feed(model, part));
+    }
+    for (i, (got, want)) in rows.iter().zip(&exp.prefill_logits).enumerate() {
+        let d = max_abs_diff(got, want);
+        assert!(
+            d < tol,
+            "prefill position {i}: max abs diff {d} (chunk {chunk}, block size {block_size})"
+        );
+    }
+    let mut last = rows.last().unwrap().clone();
+    for (i, step) in exp.decode.iter().enumerate() {
+        if greedy {
+            assert_eq!(argmax(&last), step.token, "greedy token at decode step {i}");
+        }
+        last = runner.feed(model, &[step.token]).pop().unwrap();
+        let d = max_abs_diff(&last, &step.logits);
+        assert!(d < tol, "decode step {i}: max abs diff {d}");
+    }
 }

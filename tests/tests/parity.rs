@@ -1,62 +1,8 @@
 //! Logits parity with the original implementation (Hugging Face transformers, fixtures made by
 //! `scripts/make-fixtures`), through the paged cache, for prefill, chunked prefill and decode;
 //! and GGUF == safetensors for the same weights.
-use pagoda_models::{load_weights, LoadOptions, Model};
-use pagoda_tests::{argmax, devices, fixture, max_abs_diff, PagedRunner};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct Step {
-    token: u32,
-    logits: Vec<f32>,
-}
-
-#[derive(Deserialize)]
-struct Expected {
-    prompt_ids: Vec<u32>,
-    prefill_logits: Vec<Vec<f32>>,
-    decode: Vec<Step>,
-}
-
-fn expected(name: &str) -> Expected {
-    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-const TOL: f32 = 1e-4;
-
-/// Prefill in chunks of `chunk` tokens, then decode the reference's greedy tokens, comparing
-/// every logit row (and, when `greedy`, that our argmax picks the same tokens).
-fn check(
-    model: &dyn Model,
-    exp: &Expected,
-    chunk: usize,
-    block_size: usize,
-    tol: f32,
-    greedy: bool,
-) {
-    let mut runner = PagedRunner::new(model, 16, block_size);
-    let mut rows = Vec::new();
-    for part in exp.prompt_ids.chunks(chunk) {
-        rows.extend(runner.feed(model, part));
-    }
-    for (i, (got, want)) in rows.iter().zip(&exp.prefill_logits).enumerate() {
-        let d = max_abs_diff(got, want);
-        assert!(
-            d < tol,
-            "prefill position {i}: max abs diff {d} (chunk {chunk}, block size {block_size})"
-        );
-    }
-    let mut last = rows.last().unwrap().clone();
-    for (i, step) in exp.decode.iter().enumerate() {
-        if greedy {
-            assert_eq!(argmax(&last), step.token, "greedy token at decode step {i}");
-        }
-        last = runner.feed(model, &[step.token]).pop().unwrap();
-        let d = max_abs_diff(&last, &step.logits);
-        assert!(d < tol, "decode step {i}: max abs diff {d}");
-    }
-}
+use pagoda_models::{load_weights, LoadOptions};
+use pagoda_tests::{check, devices, expected, fixture, TOL};
 
 fn check_fixture(name: &str) {
     let exp = expected(name);

@@ -2,19 +2,25 @@
 //! time per step and offline throughput (N requests submitted at once) through the real engine.
 //!
 //!   gpu-bench --shape llama3-8b --num-requests 512 --prompt-len 512 --gen-len 256
+//!   gpu-bench --shape llama3-8b --lora-adapters 0 1 8 64   (offline runs with N distinct
+//!                                                           random rank-16 adapters each)
 //!
 //! Run on the GPU machine with the CUDA build (benches/gpu/); `--device cpu` works anywhere.
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
+use pagoda_adapters::{AdapterLimits, AdapterRegistry, LoraAdapter};
 use pagoda_engine::request::{Request, RequestId};
 use pagoda_engine::{Engine, EngineConfig, SamplingParams, SchedulerConfig};
 use pagoda_kernels::DeviceChoice;
 use pagoda_models::arch::llama::Llama;
 use pagoda_models::config::LlamaConfig;
 use pagoda_models::weights::random_llama_weights;
+use pagoda_models::{LoraPair, LoraShapes, LoraTarget, LoraWeights, Model};
 
 #[derive(Parser)]
 struct Args {
@@ -40,6 +46,35 @@ struct Args {
     /// KV pool size in GiB.
     #[arg(long, default_value_t = 40.0)]
     kv_cache_gib: f64,
+    /// Offline runs with these numbers of distinct LoRA adapters (requests take them in turn;
+    /// 0 = base model), instead of the single offline run.
+    #[arg(long, num_args = 1..)]
+    lora_adapters: Vec<usize>,
+    /// Rank of the random adapters (all seven projections of every layer).
+    #[arg(long, default_value_t = 16)]
+    lora_rank: usize,
+}
+
+/// A random adapter on the device: A ~ N(0, 1/in), Bᵀ ~ N(0, 0.01²), every projection.
+fn random_adapter(
+    shapes: &LoraShapes,
+    rank: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<LoraWeights> {
+    let mut w = LoraWeights::default();
+    for _ in 0..shapes.num_layers {
+        let mut layer: [Option<LoraPair>; 7] = Default::default();
+        for t in LoraTarget::ALL {
+            let (i, o) = shapes.features(t);
+            let a =
+                Tensor::randn(0f32, 1.0 / (i as f32).sqrt(), (rank, i), dev)?.to_dtype(dtype)?;
+            let bt = Tensor::randn(0f32, 0.01, (rank, o), dev)?.to_dtype(dtype)?;
+            layer[t.index()] = Some(LoraPair { a, bt });
+        }
+        w.layers.push(layer);
+    }
+    Ok(w)
 }
 
 /// Deterministic token ids in `[0, vocab)`.
@@ -86,30 +121,48 @@ fn main() -> Result<()> {
         num_params as f64 / 1e9,
         started.elapsed().as_secs_f64()
     );
+    let max_loras = args.lora_adapters.iter().copied().max().unwrap_or(0);
+    let limits = AdapterLimits {
+        max_loras: max_loras.max(1),
+        max_lora_rank: args.lora_rank,
+        max_adapter_bytes: usize::MAX,
+        ..AdapterLimits::default()
+    };
+    let shapes = model.lora_shapes();
     let config = EngineConfig {
         scheduler: SchedulerConfig {
             max_num_batched_tokens: args.max_num_batched_tokens,
             max_num_seqs: args.max_num_seqs,
         },
         kv_cache_memory: Some((args.kv_cache_gib * (1u64 << 30) as f64) as usize),
+        lora: (max_loras > 0).then_some(limits),
         ..EngineConfig::default()
     };
     let max_context = cfg.max_position_embeddings;
     let mut engine = Engine::new(Box::new(model), &config, Vec::new())?;
+    let registry = AdapterRegistry::new(shapes.clone(), limits, vec![]);
+    let adapters: Vec<Arc<LoraAdapter>> = (0..max_loras)
+        .map(|i| -> Result<_> {
+            let name = format!("random-{i}");
+            let w = random_adapter(&shapes, args.lora_rank, dtype, &device)?;
+            registry.register(&name, std::path::Path::new("random"), w)?;
+            Ok(registry.resolve(&name)?)
+        })
+        .collect::<Result<_>>()?;
     let mut next_id = 0u64;
-    let mut add = |engine: &mut Engine, prompt: Vec<u32>, max_tokens: usize| {
+    let mut add = |engine: &mut Engine,
+                   prompt: Vec<u32>,
+                   max_tokens: usize,
+                   adapter: Option<&Arc<LoraAdapter>>| {
         next_id += 1;
         let params = SamplingParams {
             max_tokens,
             ignore_eos: true,
             ..Default::default()
         };
-        engine.add(Request::new(
-            RequestId(next_id),
-            prompt,
-            params,
-            max_context,
-        ));
+        let mut r = Request::new(RequestId(next_id), prompt, params, max_context);
+        r.adapter = adapter.cloned();
+        engine.add(r);
     };
     let step = |engine: &mut Engine| {
         engine
@@ -119,7 +172,12 @@ fn main() -> Result<()> {
     };
 
     // Warm-up (kernel loading, cuBLAS handles).
-    add(&mut engine, tokens(1, 16, cfg.vocab_size), 4);
+    add(
+        &mut engine,
+        tokens(1, 16, cfg.vocab_size),
+        4,
+        adapters.first(),
+    );
     while engine.has_work() {
         step(&mut engine)?;
     }
@@ -129,6 +187,7 @@ fn main() -> Result<()> {
         &mut engine,
         tokens(2, 128, cfg.vocab_size),
         args.batch1_steps + 1,
+        None,
     );
     step(&mut engine)?;
     let t = Instant::now();
@@ -145,14 +204,22 @@ fn main() -> Result<()> {
         weight_bytes as f64 / 1e9
     );
 
-    if args.num_requests > 0 {
+    let runs: Vec<Option<usize>> = if args.lora_adapters.is_empty() {
+        vec![None]
+    } else {
+        args.lora_adapters.iter().map(|&n| Some(n)).collect()
+    };
+    for num_adapters in runs.into_iter().filter(|_| args.num_requests > 0) {
+        let n = num_adapters.unwrap_or(0);
         for i in 0..args.num_requests {
             add(
                 &mut engine,
                 tokens(100 + i as u64, args.prompt_len, cfg.vocab_size),
                 args.gen_len,
+                (n > 0).then(|| &adapters[i % n]),
             );
         }
+        let loads_before = engine.stats().num_lora_slot_loads;
         let t = Instant::now();
         let mut num_out = 0;
         let mut num_steps = 0;
@@ -162,8 +229,15 @@ fn main() -> Result<()> {
         }
         let secs = t.elapsed().as_secs_f64();
         let stats = engine.stats();
+        let lora = num_adapters.map_or(String::new(), |n| {
+            format!(
+                ", {n} adapters r{} ({} slot loads)",
+                args.lora_rank,
+                stats.num_lora_slot_loads - loads_before
+            )
+        });
         println!(
-            "| {} | offline {} x ({} in, {} out) | {:.1} s, {num_steps} steps | {:.0} output tok/s | {} preemptions, {} KV blocks |",
+            "| {} | offline {} x ({} in, {} out){lora} | {:.1} s, {num_steps} steps | {:.0} output tok/s | {} preemptions, {} KV blocks |",
             args.shape,
             args.num_requests,
             args.prompt_len,

@@ -242,3 +242,72 @@ fn a_preempted_request_recomputes_its_output_tokens() {
     assert!(!req.output_tokens.is_empty());
     let (_, _) = drive(&mut s, |_, _| 3);
 }
+
+/// Three adapter generations from the tiny fixture (shapes of the tiny Llama).
+fn adapters() -> Vec<std::sync::Arc<pagoda_adapters::LoraAdapter>> {
+    use pagoda_models::LoraShapes;
+    let shapes = LoraShapes {
+        num_layers: 2,
+        features: [
+            (64, 64),
+            (64, 32),
+            (64, 32),
+            (64, 64),
+            (64, 128),
+            (64, 128),
+            (128, 64),
+        ],
+    };
+    let reg = pagoda_adapters::AdapterRegistry::new(shapes, Default::default(), vec![]);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/tiny-llama-lora/qv-r4");
+    ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            reg.load(n, &dir).unwrap();
+            reg.resolve(n).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn distinct_adapters_in_flight_stay_within_max_loras() {
+    let mut s = scheduler(64, 64, 8);
+    s.set_max_loras(2);
+    let ad = adapters();
+    // a, b, c, a, none: c must wait for a slot; the second a and the base request need none.
+    for (id, a) in [Some(0), Some(1), Some(2), Some(0), None]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = request(id as u64 + 1, 4, 2 + id);
+        r.adapter = a.map(|i| ad[i].clone());
+        s.add(r);
+    }
+    let out = s.schedule();
+    let ids: Vec<u64> = out.scheduled.iter().map(|r| r.id.0).collect();
+    assert_eq!(ids, vec![1, 2, 4, 5], "c waits; the rest run");
+    assert_eq!(s.waiting.peek(), Some(RequestId(3)), "c keeps its place");
+    let mut steps_with_c = 0;
+    let mut max_distinct = 0;
+    while s.has_work() {
+        let out = s.schedule();
+        let distinct: HashSet<_> = s
+            .running
+            .iter()
+            .filter_map(|id| s.requests[id].adapter_id())
+            .collect();
+        max_distinct = max_distinct.max(distinct.len());
+        steps_with_c += usize::from(out.scheduled.iter().any(|r| r.id.0 == 3));
+        let sampled = out
+            .scheduled
+            .iter()
+            .filter(|r| r.samples)
+            .map(|r| (r.id, token(7)))
+            .collect();
+        s.update(&out, sampled);
+    }
+    assert_eq!(max_distinct, 2);
+    assert!(steps_with_c > 0, "c ran once a slot freed");
+    assert_eq!(s.kv().num_free_blocks(), s.kv().num_blocks());
+}

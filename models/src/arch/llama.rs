@@ -4,9 +4,10 @@
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use pagoda_kernels::cpu_quant::CpuQMatrix;
-use pagoda_kernels::{paged_attention, reshape_and_cache};
+use pagoda_kernels::{lora_apply, paged_attention, reshape_and_cache, LoraStack};
 
 use crate::config::LlamaConfig;
+use crate::lora::{LoraShapes, LoraTarget, LoraWeights};
 use crate::model::{ForwardBatch, KvCacheSpec, Model, PagedKvCache};
 use crate::weights::{progress_bar, WeightSource};
 use crate::Result;
@@ -214,6 +215,8 @@ pub struct Llama {
     /// `[max_positions, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
+    /// LoRA slots: per layer, one stack per [`LoraTarget`] (empty until `init_lora_slots`).
+    lora: Vec<Vec<LoraStack>>,
     dtype: DType,
     device: Device,
 }
@@ -291,6 +294,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            lora: Vec::new(),
             dtype,
             device: device.clone(),
         })
@@ -298,6 +302,25 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// `y` plus the step's LoRA updates of projection `target` of layer `layer` (input `x`).
+    fn lora(
+        &self,
+        batch: &ForwardBatch,
+        (layer, target): (usize, LoraTarget),
+        x: &Tensor,
+        y: Tensor,
+    ) -> Result<Tensor> {
+        let Some(idx) = &batch.lora else {
+            return Ok(y);
+        };
+        let Some(stacks) = self.lora.get(layer) else {
+            return Err(crate::Error::Config(
+                "a step uses LoRA adapters but the model has no LoRA slots".into(),
+            ));
+        };
+        Ok(lora_apply(&y, x, &stacks[target.index()], idx)?)
     }
 }
 
@@ -341,28 +364,106 @@ impl Model for Llama {
         let scale = 1.0 / (d as f32).sqrt();
         let eps = cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&ids, 0)?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter()) {
+        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter()).enumerate() {
             let hs = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let qkv = layer.qkv.forward(&hs)?;
-            let q = qkv[0].reshape((1, num_tokens, h, d))?;
-            let k = qkv[1].reshape((1, num_tokens, kvh, d))?;
-            let v = qkv[2].reshape((num_tokens, kvh, d))?;
+            let [q, k, v]: [Tensor; 3] = layer.qkv.forward(&hs)?.try_into().expect("q, k, v");
+            let q = self.lora(batch, (i, LoraTarget::Q), &hs, q)?;
+            let k = self.lora(batch, (i, LoraTarget::K), &hs, k)?;
+            let v = self.lora(batch, (i, LoraTarget::V), &hs, v)?;
+            let q = q.reshape((1, num_tokens, h, d))?;
+            let k = k.reshape((1, num_tokens, kvh, d))?;
+            let v = v.reshape((num_tokens, kvh, d))?;
             let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?.squeeze(0)?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
             reshape_and_cache(&k, &v, kv, &meta.slot_mapping)?;
             let attn = paged_attention(&q, kv, meta, scale)?.reshape((num_tokens, h * d))?;
-            x = (x + layer.o.forward(&attn)?)?;
+            let o = self.lora(batch, (i, LoraTarget::O), &attn, layer.o.forward(&attn)?)?;
+            x = (x + o)?;
             let hs = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
             let mlp = {
-                let gu = layer.gate_up.forward(&hs)?;
-                (candle_nn::ops::silu(&gu[0])? * &gu[1])?
+                let [gate, up]: [Tensor; 2] =
+                    layer.gate_up.forward(&hs)?.try_into().expect("gate, up");
+                let gate = self.lora(batch, (i, LoraTarget::Gate), &hs, gate)?;
+                let up = self.lora(batch, (i, LoraTarget::Up), &hs, up)?;
+                (candle_nn::ops::silu(&gate)? * up)?
             };
-            x = (x + layer.down.forward(&mlp)?)?;
+            let down = self.lora(
+                batch,
+                (i, LoraTarget::Down),
+                &mlp,
+                layer.down.forward(&mlp)?,
+            )?;
+            x = (x + down)?;
         }
         let idx = Tensor::new(batch.logits_indices.as_slice(), &self.device)?;
         let x = x.index_select(&idx, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         let logits = self.lm_head.forward(&x)?;
         Ok(logits.to_dtype(DType::F32)?.contiguous()?)
+    }
+
+    fn lora_shapes(&self) -> LoraShapes {
+        let c = &self.cfg;
+        let (hidden, q, kv, inter) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        LoraShapes {
+            num_layers: c.num_layers,
+            features: [
+                (hidden, q),
+                (hidden, kv),
+                (hidden, kv),
+                (q, hidden),
+                (hidden, inter),
+                (hidden, inter),
+                (inter, hidden),
+            ],
+        }
+    }
+
+    fn init_lora_slots(&mut self, num_slots: usize, max_rank: usize) -> Result<()> {
+        let shapes = self.lora_shapes();
+        self.lora = (0..shapes.num_layers)
+            .map(|_| {
+                LoraTarget::ALL
+                    .iter()
+                    .map(|&t| {
+                        let f = shapes.features(t);
+                        LoraStack::zeros(num_slots, max_rank, f, self.dtype, &self.device)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(())
+    }
+
+    fn lora_slot_bytes(&self) -> usize {
+        self.lora
+            .iter()
+            .flatten()
+            .map(LoraStack::size_in_bytes)
+            .sum()
+    }
+
+    fn set_lora_slot(&mut self, slot: usize, weights: Option<&LoraWeights>) -> Result<()> {
+        if let Some(w) = weights {
+            if w.layers.len() != self.lora.len() {
+                return Err(crate::Error::Config(format!(
+                    "LoRA weights for {} layers, the model has {} layers with LoRA slots",
+                    w.layers.len(),
+                    self.lora.len()
+                )));
+            }
+        }
+        for (l, stacks) in self.lora.iter_mut().enumerate() {
+            for (t, stack) in stacks.iter_mut().enumerate() {
+                let pair = weights.and_then(|w| w.layers[l][t].as_ref());
+                stack.set_slot(slot, pair.map(|p| (&p.a, &p.bt)))?;
+            }
+        }
+        Ok(())
     }
 }

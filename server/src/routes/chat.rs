@@ -105,7 +105,7 @@ fn logprobs(ctx: &Ctx, tokens: &[TokenInfo]) -> ChatLogprobs {
 
 pub async fn chat_completions(ctx: Ctx, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let mut req: ChatCompletionRequest = parse_json(&body)?;
-    ctx.check_model(&req.model)?;
+    let adapter = ctx.resolve_model(&req.model)?;
     let want_logprobs = req.logprobs.unwrap_or(false);
     let top = match req.top_logprobs {
         None => 0,
@@ -124,10 +124,13 @@ pub async fn chat_completions(ctx: Ctx, body: axum::body::Bytes) -> Result<Respo
         ));
     }
     let messages = messages(&mut req)?;
-    let opts = generation::options(
-        std::mem::take(&mut req.sampling),
-        want_logprobs.then_some(top),
-    )?;
+    let opts = generation::Options {
+        adapter,
+        ..generation::options(
+            std::mem::take(&mut req.sampling),
+            want_logprobs.then_some(top),
+        )?
+    };
     let engine = ctx.engine()?;
     let streams =
         generation::submit_all(&engine, generation::choices(Prompt::Chat(messages), &opts)).await?;

@@ -73,7 +73,7 @@ fn logprobs(ctx: &Ctx, tokens: &[TokenInfo], text_start: usize) -> CompletionLog
 
 pub async fn completions(ctx: Ctx, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let mut req: CompletionRequest = parse_json(&body)?;
-    ctx.check_model(&req.model)?;
+    let adapter = ctx.resolve_model(&req.model)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request(
             Some("suffix"),
@@ -92,7 +92,10 @@ pub async fn completions(ctx: Ctx, body: axum::body::Bytes) -> Result<Response, 
     };
     let echo = req.echo.unwrap_or(false);
     let prompts = prompts(&req.prompt)?;
-    let opts = generation::options(std::mem::take(&mut req.sampling), top)?;
+    let opts = generation::Options {
+        adapter,
+        ..generation::options(std::mem::take(&mut req.sampling), top)?
+    };
     if opts.stream && echo {
         return Err(ApiError::bad_request(
             Some("echo"),

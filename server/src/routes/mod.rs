@@ -1,3 +1,4 @@
 //! The HTTP endpoints.
+pub mod adapters;
 pub mod chat;
 pub mod completions;
