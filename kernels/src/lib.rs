@@ -23,6 +23,7 @@ pub mod cpu_quant;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod device;
+mod float;
 pub mod lora;
 pub mod paged;
 

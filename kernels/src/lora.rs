@@ -11,8 +11,9 @@
 //!
 //! `y[t] += bt[s]ᵀ (a[s] x[t])` with `s` the token's slot.
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use half::{bf16, f16};
 use rayon::prelude::*;
+
+use crate::float::{dot, Float};
 
 /// The slot index of a token that uses no adapter.
 pub const NO_SLOT: u32 = u32::MAX;
@@ -155,52 +156,6 @@ pub fn lora_apply(y: &Tensor, x: &Tensor, stack: &LoraStack, idx: &LoraIndices) 
 struct Bgmv<'a> {
     stack: &'a LoraStack,
     idx: &'a LoraIndices,
-}
-
-trait Float: Copy + Send + Sync + 'static {
-    fn f(self) -> f32;
-    fn from_f(v: f32) -> Self;
-}
-impl Float for f32 {
-    fn f(self) -> f32 {
-        self
-    }
-    fn from_f(v: f32) -> Self {
-        v
-    }
-}
-impl Float for f16 {
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-    fn from_f(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
-impl Float for bf16 {
-    fn f(self) -> f32 {
-        self.to_f32()
-    }
-    fn from_f(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-
-fn dot<T: Float>(a: &[T], x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, xc) = (a.chunks_exact(8), x.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(xc.remainder())
-        .map(|(a, x)| a.f() * x)
-        .sum();
-    for (a, x) in ac.zip(xc) {
-        for i in 0..8 {
-            acc[i] += a[i].f() * x[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 impl Bgmv<'_> {

@@ -4,6 +4,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::float::{axpy, dot, Float};
+
 /// One layer's share of the KV pool: keys and values `[num_blocks, block_size, num_kv_heads,
 /// head_dim]`, contiguous, on the model's device.
 #[derive(Clone, Debug)]
@@ -284,61 +286,57 @@ struct PagedAttention<'a> {
 }
 
 impl PagedAttention<'_> {
-    /// One query token (at `pos` of sequence `seq`) against its context, all heads.
-    /// `out` is `[H, D]`; `scores` is scratch.
-    fn attend_token<T: WithDType>(
+    /// One query token (at `pos` of sequence `seq`) against its context, for the query heads
+    /// that share key/value head `kvh` (read once for all of them). `q` and `out` are those
+    /// heads' `[group, D]`; `scores` is scratch.
+    fn attend<T: Float>(
         &self,
         q: &[f32],
         (k, v): (&[T], &[T]),
-        (seq, pos): (usize, usize),
+        (seq, pos, kvh): (usize, usize, usize),
         out: &mut [f32],
         scores: &mut Vec<f32>,
     ) {
-        let (h_n, d, bs) = (self.num_heads, self.head_dim, self.block_size);
-        let group = h_n / self.num_kv_heads;
+        let (d, bs) = (self.head_dim, self.block_size);
+        let group = self.num_heads / self.num_kv_heads;
         let table = &self.meta.block_tables
             [seq * self.meta.max_blocks_per_seq..(seq + 1) * self.meta.max_blocks_per_seq];
         let ctx = pos + 1;
         let row = self.num_kv_heads * d;
-        for h in 0..h_n {
-            let kvh = h / group;
-            let qh = &q[h * d..(h + 1) * d];
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for p in 0..ctx {
-                let slot = table[p / bs] as usize * bs + p % bs;
-                let kr = &k[slot * row + kvh * d..slot * row + (kvh + 1) * d];
-                let s = qh
-                    .iter()
-                    .zip(kr)
-                    .map(|(a, b)| a * b.to_f64() as f32)
-                    .sum::<f32>()
-                    * self.scale;
-                max = max.max(s);
-                scores.push(s);
+        let at = |p: usize| (table[p / bs] as usize * bs + p % bs) * row + kvh * d;
+        // scores[j * ctx + p]: head j of the group at position p.
+        scores.clear();
+        scores.resize(group * ctx, 0.0);
+        for p in 0..ctx {
+            let kr = &k[at(p)..at(p) + d];
+            for j in 0..group {
+                scores[j * ctx + p] = dot(kr, &q[j * d..(j + 1) * d]) * self.scale;
             }
+        }
+        for sj in scores.chunks_mut(ctx) {
+            let max = sj.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
-            for s in scores.iter_mut() {
+            for s in sj.iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            let oh = &mut out[h * d..(h + 1) * d];
-            oh.fill(0.0);
-            for (p, &w) in scores.iter().enumerate() {
-                let slot = table[p / bs] as usize * bs + p % bs;
-                let vr = &v[slot * row + kvh * d..slot * row + (kvh + 1) * d];
-                let w = w / sum;
-                for (o, x) in oh.iter_mut().zip(vr) {
-                    *o += w * x.to_f64() as f32;
-                }
+            let inv = 1.0 / sum;
+            sj.iter_mut().for_each(|s| *s *= inv);
+        }
+        out.fill(0.0);
+        for p in 0..ctx {
+            let vr = &v[at(p)..at(p) + d];
+            for j in 0..group {
+                axpy(&mut out[j * d..(j + 1) * d], scores[j * ctx + p], vr);
             }
         }
     }
 
-    fn run<T: WithDType>(&self, q: &[f32], k: &[T], v: &[T]) -> Vec<f32> {
-        let width = self.num_heads * self.head_dim;
+    /// One task per (query token, key/value head).
+    fn run<T: Float>(&self, q: &[f32], k: &[T], v: &[T]) -> Vec<f32> {
+        let chunk = self.num_heads / self.num_kv_heads * self.head_dim;
         let num_tokens = self.meta.num_tokens();
-        let mut out = vec![0f32; num_tokens * width];
+        let mut out = vec![0f32; num_tokens * self.num_heads * self.head_dim];
         // (sequence, position) of every query token.
         let mut owner = Vec::with_capacity(num_tokens);
         for (i, pos) in self.meta.positions().into_iter().enumerate() {
@@ -349,11 +347,13 @@ impl PagedAttention<'_> {
                 - 1;
             owner.push((seq, pos as usize));
         }
-        out.par_chunks_mut(width)
-            .zip(q.par_chunks(width))
-            .zip(owner.par_iter())
-            .for_each_init(Vec::new, |scores, ((o, qt), &(seq, pos))| {
-                self.attend_token(qt, (k, v), (seq, pos), o, scores)
+        let kvh_n = self.num_kv_heads;
+        out.par_chunks_mut(chunk)
+            .zip(q.par_chunks(chunk))
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (i, (o, qg))| {
+                let (seq, pos) = owner[i / kvh_n];
+                self.attend(qg, (k, v), (seq, pos, i % kvh_n), o, scores)
             });
         out
     }
