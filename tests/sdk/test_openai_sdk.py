@@ -14,6 +14,8 @@ import pytest
 
 MODEL = "SmolLM2-135M-Instruct"
 API_KEY = "sdk-test-key"
+ADAPTER = "signature"
+ADAPTER_DIR = os.path.join(os.path.dirname(__file__), "..", "fixtures", "demo-lora", "signature")
 
 
 def _free_port():
@@ -27,7 +29,8 @@ def base_url():
     binary = os.environ.get("PAGODA_BIN", "target/debug/pagoda")
     port = _free_port()
     proc = subprocess.Popen(
-        [binary, "serve", "--port", str(port), "--api-key", API_KEY, "--dequantize"],
+        [binary, "serve", "--port", str(port), "--api-key", API_KEY, "--dequantize",
+         "--lora", f"{ADAPTER}={ADAPTER_DIR}"],
         env={**os.environ, "RUST_LOG": "warn"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -85,7 +88,18 @@ def test_chat_streaming(client):
 def test_completions_and_models(client):
     r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5, temperature=0)
     assert "Paris" in r.choices[0].text
-    assert [m.id for m in client.models.list()] == [MODEL]
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL, ADAPTER]
+    assert models[1].model_extra["parent"] == MODEL
+
+
+def test_lora_adapter_by_model_field(client):
+    q = [{"role": "user", "content": "What do bees make?"}]
+    r = client.chat.completions.create(model=ADAPTER, messages=q, max_tokens=64, temperature=0)
+    assert r.model == ADAPTER
+    assert r.choices[0].message.content.rstrip().endswith("-- answered by Pagoda")
+    base = client.chat.completions.create(model=MODEL, messages=q, max_tokens=64, temperature=0)
+    assert "answered by Pagoda" not in base.choices[0].message.content
 
 
 def test_logprobs_and_n(client):
