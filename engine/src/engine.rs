@@ -98,9 +98,9 @@ impl Engine {
         }
         let max_loras = config.lora.map_or(0, |l| l.max_loras);
         if let Some(l) = &config.lora {
-            if l.max_loras == 0 || l.max_lora_rank == 0 {
+            if l.max_loras == 0 || !(1..=64).contains(&l.max_lora_rank) {
                 return Err(EngineError::Config(
-                    "with LoRA on, max_loras and max_lora_rank must be at least 1".into(),
+                    "with LoRA on, max_loras must be at least 1 and max_lora_rank 1 to 64".into(),
                 ));
             }
             // Before the KV pool is sized, so the slots' memory is counted as in use.

@@ -178,93 +178,133 @@ pub fn paged_attention(
 const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 const LORA_MODULE: &str = "pagoda_lora";
 
-/// Batched LoRA delta `[T, OUT]` in x's dtype (see `lora.rs`).
-pub fn lora_bgmv(
+fn slots_on_device<'a>(
+    idx: &'a crate::lora::LoraIndices,
+    dev: &CudaDevice,
+) -> Result<&'a CudaSlice<u32>> {
+    if let Some(s) = idx.on_device.get() {
+        return Ok(s);
+    }
+    let s = dev.clone_htod(&idx.token_slots)?;
+    Ok(idx.on_device.get_or_init(|| s))
+}
+
+/// LoRA shrink: `v [T, rows]` f32 (see `lora.rs`).
+pub fn lora_shrink(
     (x, xl): (&CudaStorage, &Layout),
     (a, al): (&CudaStorage, &Layout),
-    (bt, btl): (&CudaStorage, &Layout),
     idx: &crate::lora::LoraIndices,
-    rank: usize,
+    rows: usize,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = x.device().clone();
     let (num_tokens, in_f) = xl.shape().dims2()?;
-    let out_f = btl.shape().dims2()?.1;
-    let shape = Shape::from((num_tokens, out_f));
-    let slots = match idx.on_device.get() {
-        Some(s) => s,
-        None => {
-            let s = dev.clone_htod(&idx.token_slots)?;
-            idx.on_device.get_or_init(|| s)
-        }
-    };
-    // SAFETY: the shrink kernel writes all `T * R` values.
-    let v = unsafe { dev.alloc::<f32>(num_tokens * rank)? };
-    let dims = [num_tokens as u32, rank as u32, in_f as u32, out_f as u32];
-    let shrink = LaunchConfig {
-        grid_dim: (((num_tokens * rank) as u32).div_ceil(WARPS).max(1), 1, 1),
-        block_dim: (32 * WARPS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let expand = LaunchConfig {
-        grid_dim: ((out_f as u32).div_ceil(256), num_tokens as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    macro_rules! launch {
-        ($ty:ty, $name:literal, $x:expr, $a:expr, $bt:expr) => {{
-            // SAFETY: every element of `out` is written by the expand kernel.
-            let mut out = unsafe { dev.alloc::<$ty>(num_tokens * out_f)? };
-            if num_tokens > 0 {
-                let (xs, as_, bs) = (
-                    $x.slice(range(xl)?),
-                    $a.slice(range(al)?),
-                    $bt.slice(range(btl)?),
-                );
-                let f = dev.get_or_load_custom_func(
-                    concat!("lora_shrink_", $name),
-                    LORA_MODULE,
-                    LORA_PTX,
-                )?;
+    let shape = Shape::from((num_tokens, rows));
+    // SAFETY: the kernel writes all `T * rows` values.
+    let v = unsafe { dev.alloc::<f32>(num_tokens * rows)? };
+    if num_tokens > 0 {
+        let slots = slots_on_device(idx, &dev)?;
+        let cfg = LaunchConfig {
+            grid_dim: (((num_tokens * rows) as u32).div_ceil(WARPS), 1, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dims = [num_tokens as u32, rows as u32, in_f as u32];
+        macro_rules! launch {
+            ($name:literal, $x:expr, $a:expr) => {{
+                let (xs, as_) = ($x.slice(range(xl)?), $a.slice(range(al)?));
+                let f = dev.get_or_load_custom_func($name, LORA_MODULE, LORA_PTX)?;
                 let mut b = f.builder();
                 b.arg(&xs);
                 b.arg(&as_);
                 b.arg(slots);
                 b.arg(&v);
-                b.arg(&dims[0]);
-                b.arg(&dims[1]);
-                b.arg(&dims[2]);
-                // SAFETY: `lora_apply` checked the shapes and that every slot index is inside
-                // the stack.
-                unsafe { b.launch(shrink) }.w()?;
-                let f = dev.get_or_load_custom_func(
-                    concat!("lora_expand_", $name),
-                    LORA_MODULE,
-                    LORA_PTX,
-                )?;
-                let mut b = f.builder();
-                b.arg(&v);
-                b.arg(&bs);
-                b.arg(slots);
-                b.arg(&mut out);
-                b.arg(&dims[1]);
-                b.arg(&dims[3]);
-                // SAFETY: as above.
-                unsafe { b.launch(expand) }.w()?;
+                for d in &dims {
+                    b.arg(d);
+                }
+                // SAFETY: `lora_apply` checked the shapes and that every slot is in the stack.
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match (&x.slice, &a.slice) {
+            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(a)) => {
+                launch!("lora_shrink_f32", x, a)
             }
-            CudaStorage::wrap_cuda_slice(out, dev.clone())
+            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(a)) => {
+                launch!("lora_shrink_f16", x, a)
+            }
+            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(a)) => {
+                launch!("lora_shrink_bf16", x, a)
+            }
+            _ => candle_core::bail!("lora_apply: unsupported dtype on cuda"),
+        }
+    }
+    Ok((CudaStorage::wrap_cuda_slice(v, dev), shape))
+}
+
+/// Highest adapter rank on CUDA (the engine's limit too).
+const MAX_RANK: usize = 64;
+
+/// LoRA expand, in place on the fused output `y [T, Σ parts]` (see `lora.rs`).
+pub fn lora_expand(
+    (y, yl): (&mut CudaStorage, &Layout),
+    (v, vl): (&CudaStorage, &Layout),
+    (bt, btl): (&CudaStorage, &Layout),
+    idx: &crate::lora::LoraIndices,
+    (rank, parts, offsets): (usize, &[usize], &[usize]),
+) -> Result<()> {
+    if parts.is_empty() || parts.len() > 3 || rank > MAX_RANK {
+        candle_core::bail!(
+            "lora_apply on cuda packs 1 to 3 projections of rank up to {MAX_RANK}, got {} of rank {rank}",
+            parts.len()
+        );
+    }
+    let dev = y.device().clone();
+    let num_tokens = yl.shape().dims2()?.0;
+    if num_tokens == 0 {
+        return Ok(());
+    }
+    let slots = slots_on_device(idx, &dev)?;
+    let total: usize = parts.iter().sum();
+    let out = |j: usize| parts.get(j).copied().unwrap_or(0) as u32;
+    let base = |j: usize| offsets.get(j).copied().unwrap_or(0) as u64;
+    let (rank, n) = (rank as u32, parts.len() as u32);
+    let (o0, o1, o2, b1, b2) = (out(0), out(1), out(2), base(1), base(2));
+    let cfg = LaunchConfig {
+        grid_dim: ((total as u32).div_ceil(256), num_tokens as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let CudaStorageSlice::F32(v) = &v.slice else {
+        candle_core::bail!("lora_apply: v must be f32");
+    };
+    let vs = v.slice(range(vl)?);
+    let yr = range(yl)?;
+    macro_rules! launch {
+        ($name:literal, $y:expr, $bt:expr) => {{
+            let mut ys = $y.slice_mut(yr.clone());
+            let bs = $bt.slice(range(btl)?);
+            let f = dev.get_or_load_custom_func($name, LORA_MODULE, LORA_PTX)?;
+            let mut b = f.builder();
+            b.arg(&mut ys);
+            b.arg(&vs);
+            b.arg(&bs);
+            b.arg(slots);
+            b.arg(&rank);
+            b.arg(&n);
+            b.arg(&o0);
+            b.arg(&o1);
+            b.arg(&o2);
+            b.arg(&b1);
+            b.arg(&b2);
+            // SAFETY: as for the shrink; `y` is `[T, total]` and contiguous (checked).
+            unsafe { b.launch(cfg) }.w()?;
         }};
     }
-    let out = match (&x.slice, &a.slice, &bt.slice) {
-        (CudaStorageSlice::F32(x), CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => {
-            launch!(f32, "f32", x, a, b)
-        }
-        (CudaStorageSlice::F16(x), CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => {
-            launch!(half::f16, "f16", x, a, b)
-        }
-        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => {
-            launch!(half::bf16, "bf16", x, a, b)
-        }
+    match (&mut y.slice, &bt.slice) {
+        (CudaStorageSlice::F32(y), CudaStorageSlice::F32(b)) => launch!("lora_expand_f32", y, b),
+        (CudaStorageSlice::F16(y), CudaStorageSlice::F16(b)) => launch!("lora_expand_f16", y, b),
+        (CudaStorageSlice::BF16(y), CudaStorageSlice::BF16(b)) => launch!("lora_expand_bf16", y, b),
         _ => candle_core::bail!("lora_apply: unsupported dtype on cuda"),
-    };
-    Ok((out, shape))
+    }
+    Ok(())
 }

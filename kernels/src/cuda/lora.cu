@@ -1,7 +1,7 @@
-// Batched LoRA (BGMV) kernels. Shapes as in kernels/src/lora.rs:
-//   x   [T, IN]        a  [S * R, IN]     bt [S * R, OUT]    (f32, f16 or bf16, all the same)
+// Batched LoRA (BGMV) kernels over packed projections. Shapes as in kernels/src/lora.rs:
+//   x   [T, IN]   a [S * n * R, IN]   bt: part j at bt + base_j, [S * R, OUT_j]   (one dtype)
 //   slots [T] (u32, 0xffffffff = no adapter)
-//   v   [T, R] f32 scratch: v = a[s] x         out [T, OUT] = bt[s]^T v   (x's dtype)
+//   v   [T, n * R] f32:  v = a[s] x          y [T, sum OUT_j] += bt[s]^T v, in place
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -16,22 +16,22 @@ __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
-// One warp per (token, rank row): a dot product over IN.
+// One warp per (token, row of A): a dot product over IN. `rows` = n * R.
 template <typename T>
 __device__ void lora_shrink(const T* __restrict__ x, const T* __restrict__ a,
                             const uint32_t* __restrict__ slots, float* __restrict__ v,
-                            uint32_t num_tokens, uint32_t rank, uint32_t in_f) {
+                            uint32_t num_tokens, uint32_t rows, uint32_t in_f) {
   const uint32_t warp = threadIdx.x / 32;
   const uint32_t lane = threadIdx.x % 32;
   const uint64_t pair = (uint64_t)blockIdx.x * WARPS + warp;
-  if (pair >= (uint64_t)num_tokens * rank) return;
-  const uint32_t t = pair / rank;
-  const uint32_t k = pair % rank;
+  if (pair >= (uint64_t)num_tokens * rows) return;
+  const uint32_t t = pair / rows;
+  const uint32_t r = pair % rows;
   const uint32_t s = slots[t];
   float acc = 0.f;
   if (s != NO_SLOT) {
     const T* xr = x + (uint64_t)t * in_f;
-    const T* ar = a + ((uint64_t)s * rank + k) * in_f;
+    const T* ar = a + ((uint64_t)s * rows + r) * in_f;
     for (uint32_t i = lane; i < in_f; i += 32) acc += to_float(xr[i]) * to_float(ar[i]);
   }
 #pragma unroll
@@ -39,33 +39,44 @@ __device__ void lora_shrink(const T* __restrict__ x, const T* __restrict__ a,
   if (lane == 0) v[pair] = acc;
 }
 
-// One thread per (token, output feature): grid (ceil(OUT / blockDim), T).
+// One thread per (token, output column of the fused output): grid (ceil(total / blockDim), T).
+// Up to three parts: columns [0, out0) are part 0, then out1 columns of part 1, then part 2.
 template <typename T>
-__device__ void lora_expand(const float* __restrict__ v, const T* __restrict__ bt,
-                            const uint32_t* __restrict__ slots, T* __restrict__ out,
-                            uint32_t rank, uint32_t out_f) {
+__device__ void lora_expand(T* __restrict__ y, const float* __restrict__ v, const T* __restrict__ bt,
+                            const uint32_t* __restrict__ slots, uint32_t rank, uint32_t num_parts,
+                            uint32_t out0, uint32_t out1, uint32_t out2, uint64_t base1, uint64_t base2) {
   const uint32_t t = blockIdx.y;
+  const uint32_t total = out0 + out1 + out2;
   const uint32_t o = blockIdx.x * blockDim.x + threadIdx.x;
-  if (o >= out_f) return;
+  if (o >= total) return;
   const uint32_t s = slots[t];
-  float acc = 0.f;
-  if (s != NO_SLOT) {
-    const float* vt = v + (uint64_t)t * rank;
-    const T* b = bt + (uint64_t)s * rank * out_f + o;
-    for (uint32_t k = 0; k < rank; ++k) acc += vt[k] * to_float(b[(uint64_t)k * out_f]);
+  if (s == NO_SLOT) return;
+  uint32_t j = 0, oc = o, out_f = out0;
+  uint64_t base = 0;
+  if (o >= out0 + out1) {
+    j = 2; oc = o - out0 - out1; out_f = out2; base = base2;
+  } else if (o >= out0) {
+    j = 1; oc = o - out0; out_f = out1; base = base1;
   }
-  store(out + (uint64_t)t * out_f + o, acc);
+  const float* vt = v + ((uint64_t)t * num_parts + j) * rank;
+  const T* b = bt + base + (uint64_t)s * rank * out_f + oc;
+  float acc = 0.f;
+  for (uint32_t k = 0; k < rank; ++k) acc += vt[k] * to_float(b[(uint64_t)k * out_f]);
+  T* yp = y + (uint64_t)t * total + o;
+  store(yp, to_float(*yp) + acc);
 }
 
-#define LORA(name, T)                                                                            \
-  extern "C" __global__ void lora_shrink_##name(const T* x, const T* a, const uint32_t* slots,   \
-                                                float* v, uint32_t num_tokens, uint32_t rank,    \
-                                                uint32_t in_f) {                                 \
-    lora_shrink(x, a, slots, v, num_tokens, rank, in_f);                                         \
-  }                                                                                              \
-  extern "C" __global__ void lora_expand_##name(const float* v, const T* bt, const uint32_t* slots, \
-                                                T* out, uint32_t rank, uint32_t out_f) {         \
-    lora_expand(v, bt, slots, out, rank, out_f);                                                 \
+#define LORA(name, T)                                                                               \
+  extern "C" __global__ void lora_shrink_##name(const T* x, const T* a, const uint32_t* slots,     \
+                                                float* v, uint32_t num_tokens, uint32_t rows,       \
+                                                uint32_t in_f) {                                    \
+    lora_shrink(x, a, slots, v, num_tokens, rows, in_f);                                            \
+  }                                                                                                 \
+  extern "C" __global__ void lora_expand_##name(T* y, const float* v, const T* bt,                  \
+                                                const uint32_t* slots, uint32_t rank,               \
+                                                uint32_t num_parts, uint32_t out0, uint32_t out1,   \
+                                                uint32_t out2, uint64_t base1, uint64_t base2) {    \
+    lora_expand(y, v, bt, slots, rank, num_parts, out0, out1, out2, base1, base2);                 \
   }
 
 LORA(f32, float)

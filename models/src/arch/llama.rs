@@ -79,7 +79,7 @@ impl Linear {
 /// Projections of the same input (q/k/v, gate/up), fused into one matrix when their formats
 /// allow: one larger matmul instead of several small ones.
 enum MultiLinear {
-    Fused { linear: Linear, sizes: Vec<usize> },
+    Fused(Linear),
     Separate(Vec<Linear>),
 }
 
@@ -92,10 +92,6 @@ impl MultiLinear {
                 Weight::CpuQuant(_) => None,
             })
             .collect();
-        let sizes = weights
-            .iter()
-            .map(|w| out_features(w))
-            .collect::<Result<Vec<_>>>()?;
         let dense: Vec<Tensor> = weights
             .iter()
             .filter_map(|w| match w {
@@ -135,7 +131,7 @@ impl MultiLinear {
                     bias,
                 }
                 .specialized()?;
-                MultiLinear::Fused { linear, sizes }
+                MultiLinear::Fused(linear)
             }
             _ => MultiLinear::Separate(
                 parts
@@ -146,28 +142,19 @@ impl MultiLinear {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        match self {
-            MultiLinear::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
-            MultiLinear::Fused { linear, sizes } => {
-                let y = linear.forward(x)?;
-                let mut start = 0;
-                let mut out = Vec::with_capacity(sizes.len());
-                for &n in sizes {
-                    out.push(y.narrow(candle_core::D::Minus1, start, n)?);
-                    start += n;
-                }
-                Ok(out)
+    /// All parts' outputs side by side, `[T, Σ out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            MultiLinear::Fused(linear) => linear.forward(x)?,
+            MultiLinear::Separate(parts) => {
+                let ys = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&ys, 1)?
             }
-        }
+        })
     }
-}
-
-fn out_features(w: &QMatMul) -> Result<usize> {
-    Ok(match w {
-        QMatMul::QTensor(q) => q.shape().dims()[0],
-        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
-    })
 }
 
 /// Stacks quantized matrices of one format and width (rows are independent byte ranges).
@@ -193,6 +180,34 @@ fn concat_rows(qs: &[&QTensor]) -> Result<Option<QTensor>> {
         vec![rows, cols],
         &device,
     )?))
+}
+
+/// Projections computed as one matmul (and so adapted by one packed LoRA stack), in the order
+/// of their fused output.
+#[derive(Clone, Copy)]
+enum LoraGroup {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+impl LoraGroup {
+    const ALL: [LoraGroup; 4] = [
+        LoraGroup::Qkv,
+        LoraGroup::O,
+        LoraGroup::GateUp,
+        LoraGroup::Down,
+    ];
+
+    fn targets(self) -> &'static [LoraTarget] {
+        match self {
+            LoraGroup::Qkv => &[LoraTarget::Q, LoraTarget::K, LoraTarget::V],
+            LoraGroup::O => &[LoraTarget::O],
+            LoraGroup::GateUp => &[LoraTarget::Gate, LoraTarget::Up],
+            LoraGroup::Down => &[LoraTarget::Down],
+        }
+    }
 }
 
 struct Layer {
@@ -304,11 +319,12 @@ impl Llama {
         &self.cfg
     }
 
-    /// `y` plus the step's LoRA updates of projection `target` of layer `layer` (input `x`).
+    /// `y` (the fused output of a packed group of layer `layer`, input `x`) with the step's
+    /// LoRA updates added in place.
     fn lora(
         &self,
         batch: &ForwardBatch,
-        (layer, target): (usize, LoraTarget),
+        (layer, group): (usize, LoraGroup),
         x: &Tensor,
         y: Tensor,
     ) -> Result<Tensor> {
@@ -320,7 +336,8 @@ impl Llama {
                 "a step uses LoRA adapters but the model has no LoRA slots".into(),
             ));
         };
-        Ok(lora_apply(&y, x, &stacks[target.index()], idx)?)
+        lora_apply(&y, x, &stacks[group as usize], idx)?;
+        Ok(y)
     }
 }
 
@@ -356,6 +373,7 @@ impl Model for Llama {
         let cfg = &self.cfg;
         let num_tokens = batch.input_ids.len();
         let (h, kvh, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let inter = cfg.intermediate_size;
         let meta = &batch.attention;
         let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
         let positions = Tensor::new(meta.positions().as_slice(), &self.device)?;
@@ -366,33 +384,31 @@ impl Model for Llama {
         let mut x = self.embed.index_select(&ids, 0)?;
         for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter()).enumerate() {
             let hs = candle_nn::ops::rms_norm(&x, &layer.input_norm, eps)?;
-            let [q, k, v]: [Tensor; 3] = layer.qkv.forward(&hs)?.try_into().expect("q, k, v");
-            let q = self.lora(batch, (i, LoraTarget::Q), &hs, q)?;
-            let k = self.lora(batch, (i, LoraTarget::K), &hs, k)?;
-            let v = self.lora(batch, (i, LoraTarget::V), &hs, v)?;
-            let q = q.reshape((1, num_tokens, h, d))?;
-            let k = k.reshape((1, num_tokens, kvh, d))?;
-            let v = v.reshape((num_tokens, kvh, d))?;
+            let qkv = self.lora(batch, (i, LoraGroup::Qkv), &hs, layer.qkv.forward(&hs)?)?;
+            let q = qkv.narrow(1, 0, h * d)?.reshape((1, num_tokens, h, d))?;
+            let k = qkv
+                .narrow(1, h * d, kvh * d)?
+                .reshape((1, num_tokens, kvh, d))?;
+            let v = qkv
+                .narrow(1, (h + kvh) * d, kvh * d)?
+                .reshape((num_tokens, kvh, d))?;
             let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, &cos, &sin)?.squeeze(0)?;
             let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, &cos, &sin)?.squeeze(0)?;
             reshape_and_cache(&k, &v, kv, &meta.slot_mapping)?;
             let attn = paged_attention(&q, kv, meta, scale)?.reshape((num_tokens, h * d))?;
-            let o = self.lora(batch, (i, LoraTarget::O), &attn, layer.o.forward(&attn)?)?;
+            let o = self.lora(batch, (i, LoraGroup::O), &attn, layer.o.forward(&attn)?)?;
             x = (x + o)?;
             let hs = candle_nn::ops::rms_norm(&x, &layer.post_norm, eps)?;
             let mlp = {
-                let [gate, up]: [Tensor; 2] =
-                    layer.gate_up.forward(&hs)?.try_into().expect("gate, up");
-                let gate = self.lora(batch, (i, LoraTarget::Gate), &hs, gate)?;
-                let up = self.lora(batch, (i, LoraTarget::Up), &hs, up)?;
-                (candle_nn::ops::silu(&gate)? * up)?
+                let gu = self.lora(
+                    batch,
+                    (i, LoraGroup::GateUp),
+                    &hs,
+                    layer.gate_up.forward(&hs)?,
+                )?;
+                (candle_nn::ops::silu(&gu.narrow(1, 0, inter)?)? * gu.narrow(1, inter, inter)?)?
             };
-            let down = self.lora(
-                batch,
-                (i, LoraTarget::Down),
-                &mlp,
-                layer.down.forward(&mlp)?,
-            )?;
+            let down = self.lora(batch, (i, LoraGroup::Down), &mlp, layer.down.forward(&mlp)?)?;
             x = (x + down)?;
         }
         let idx = Tensor::new(batch.logits_indices.as_slice(), &self.device)?;
@@ -428,11 +444,14 @@ impl Model for Llama {
         let shapes = self.lora_shapes();
         self.lora = (0..shapes.num_layers)
             .map(|_| {
-                LoraTarget::ALL
+                LoraGroup::ALL
                     .iter()
-                    .map(|&t| {
-                        let f = shapes.features(t);
-                        LoraStack::zeros(num_slots, max_rank, f, self.dtype, &self.device)
+                    .map(|g| {
+                        let targets = g.targets();
+                        let outs: Vec<usize> =
+                            targets.iter().map(|&t| shapes.features(t).1).collect();
+                        let in_f = shapes.features(targets[0]).0;
+                        LoraStack::zeros(num_slots, max_rank, in_f, &outs, self.dtype, &self.device)
                     })
                     .collect::<candle_core::Result<Vec<_>>>()
             })
@@ -459,9 +478,11 @@ impl Model for Llama {
             }
         }
         for (l, stacks) in self.lora.iter_mut().enumerate() {
-            for (t, stack) in stacks.iter_mut().enumerate() {
-                let pair = weights.and_then(|w| w.layers[l][t].as_ref());
-                stack.set_slot(slot, pair.map(|p| (&p.a, &p.bt)))?;
+            for (g, stack) in LoraGroup::ALL.iter().zip(stacks.iter_mut()) {
+                for (part, t) in g.targets().iter().enumerate() {
+                    let pair = weights.and_then(|w| w.layers[l][t.index()].as_ref());
+                    stack.set_slot(slot, part, pair.map(|p| (&p.a, &p.bt)))?;
+                }
             }
         }
         Ok(())
