@@ -269,9 +269,14 @@ pub fn lora_expand(
     let base = |j: usize| offsets.get(j).copied().unwrap_or(0) as u64;
     let (rank, n) = (rank as u32, parts.len() as u32);
     let (o0, o1, o2, b1, b2) = (out(0), out(1), out(2), base(1), base(2));
-    let cfg = LaunchConfig {
-        grid_dim: ((total as u32).div_ceil(256), num_tokens as u32, 1),
-        block_dim: (256, 1, 1),
+    // Each thread takes the columns of one 16-byte vector (the kernel's `Vec<T>::N`).
+    let cfg = |cols_per_thread: u32| LaunchConfig {
+        grid_dim: (
+            (total as u32).div_ceil(cols_per_thread * 128),
+            num_tokens as u32,
+            1,
+        ),
+        block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
     let CudaStorageSlice::F32(v) = &v.slice else {
@@ -280,7 +285,7 @@ pub fn lora_expand(
     let vs = v.slice(range(vl)?);
     let yr = range(yl)?;
     macro_rules! launch {
-        ($name:literal, $y:expr, $bt:expr) => {{
+        ($name:literal, $y:expr, $bt:expr, $n:expr) => {{
             let mut ys = $y.slice_mut(yr.clone());
             let bs = $bt.slice(range(btl)?);
             let f = dev.get_or_load_custom_func($name, LORA_MODULE, LORA_PTX)?;
@@ -297,13 +302,19 @@ pub fn lora_expand(
             b.arg(&b1);
             b.arg(&b2);
             // SAFETY: as for the shrink; `y` is `[T, total]` and contiguous (checked).
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { b.launch(cfg($n)) }.w()?;
         }};
     }
     match (&mut y.slice, &bt.slice) {
-        (CudaStorageSlice::F32(y), CudaStorageSlice::F32(b)) => launch!("lora_expand_f32", y, b),
-        (CudaStorageSlice::F16(y), CudaStorageSlice::F16(b)) => launch!("lora_expand_f16", y, b),
-        (CudaStorageSlice::BF16(y), CudaStorageSlice::BF16(b)) => launch!("lora_expand_bf16", y, b),
+        (CudaStorageSlice::F32(y), CudaStorageSlice::F32(b)) => {
+            launch!("lora_expand_f32", y, b, 4)
+        }
+        (CudaStorageSlice::F16(y), CudaStorageSlice::F16(b)) => {
+            launch!("lora_expand_f16", y, b, 8)
+        }
+        (CudaStorageSlice::BF16(y), CudaStorageSlice::BF16(b)) => {
+            launch!("lora_expand_bf16", y, b, 8)
+        }
         _ => candle_core::bail!("lora_apply: unsupported dtype on cuda"),
     }
     Ok(())
