@@ -30,15 +30,7 @@ pub struct MachineInfo {
 
 impl MachineInfo {
     pub fn detect() -> Self {
-        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split_once(':'))
-                    .map(|(_, v)| v.trim().to_string())
-            })
-            .unwrap_or_else(|| "unknown".to_string());
+        let cpu_model = pagoda_kernels::device::cpu_model();
         Self {
             cpu_model,
             num_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),

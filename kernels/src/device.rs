@@ -84,3 +84,16 @@ pub fn memory_info(device: &Device) -> Option<(usize, usize)> {
 
 /// Whether this build has the CUDA path.
 pub const CUDA_COMPILED: bool = cfg!(feature = "cuda");
+
+/// The CPU's `model name` from `/proc/cpuinfo` (benchmarks name their machine), else "unknown".
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

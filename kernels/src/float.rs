@@ -1,5 +1,6 @@
-//! Element types the CPU kernels read (f32, f16, bf16) as f32, and the small vector loops they
-//! share, written so the compiler vectorizes them (independent accumulators).
+//! What the CPU kernels share: element types read as f32 (f32, f16, bf16), the small vector
+//! loops (written so the compiler vectorizes them), and contiguous storage slices.
+use candle_core::{Layout, Result};
 use half::{bf16, f16};
 
 pub(crate) trait Float: Copy + Send + Sync + 'static {
@@ -52,5 +53,13 @@ pub(crate) fn dot<T: Float>(a: &[T], x: &[f32]) -> f32 {
 pub(crate) fn axpy<T: Float>(out: &mut [f32], w: f32, x: &[T]) {
     for (o, x) in out.iter_mut().zip(x) {
         *o += w * x.f();
+    }
+}
+
+/// The elements of a contiguous tensor's storage; an error for strided layouts.
+pub(crate) fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("CPU kernels need contiguous tensors"),
     }
 }

@@ -21,7 +21,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::float::{axpy, dot, Float};
+use crate::float::{axpy, contiguous, dot, Float};
 
 /// The slot index of a token that uses no adapter.
 pub const NO_SLOT: u32 = u32::MAX;
@@ -203,13 +203,6 @@ struct Shrink<'a> {
 struct Expand<'a> {
     stack: &'a LoraStack,
     idx: &'a LoraIndices,
-}
-
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("lora_apply: tensors must be contiguous"),
-    }
 }
 
 impl Shrink<'_> {

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::float::{axpy, dot, Float};
+use crate::float::{axpy, contiguous, dot, Float};
 
 /// One layer's share of the KV pool: keys and values `[num_blocks, block_size, num_kv_heads,
 /// head_dim]`, contiguous, on the model's device.
@@ -356,13 +356,6 @@ impl PagedAttention<'_> {
                 self.attend(qg, (k, v), (seq, pos, i % kvh_n), o, scores)
             });
         out
-    }
-}
-
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("paged_attention: tensors must be contiguous"),
     }
 }
 

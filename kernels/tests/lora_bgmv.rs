@@ -70,21 +70,8 @@ fn check_against_reference(in_f: usize, parts: [usize; 3], max_rank: usize) {
                         None => yi,
                     };
                     let g = got.i((i, col..col + out_f)).unwrap();
-                    let diff = (g - &want)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
-                    let scale = want
-                        .abs()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let diff = max_abs(&(g - &want).unwrap());
+                    let scale = max_abs(&want);
                     assert!(
                         diff <= tol * scale.max(1.0),
                         "{device:?} {dtype:?} token {i} slot {s} part {j}: max diff {diff}"
@@ -94,6 +81,10 @@ fn check_against_reference(in_f: usize, parts: [usize; 3], max_rank: usize) {
             }
         }
     }
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 #[test]

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use pagoda_engine::request::Request;
-use pagoda_engine::{Engine, EngineConfig, RequestId, SamplingParams, SchedulerConfig};
+use pagoda_engine::{Engine, RequestId, SamplingParams};
+use pagoda_server::serve::EngineArgs;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -44,32 +45,9 @@ pub struct ThroughputArgs {
     /// Seed of the prompt token ids.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Most requests computed together (as `pagoda serve`).
-    #[arg(long, default_value_t = 64)]
-    pub max_num_seqs: usize,
-    /// Most tokens computed in one step (as `pagoda serve`).
-    #[arg(long, default_value_t = 512)]
-    pub max_num_batched_tokens: usize,
-    /// KV pool size in blocks (wins over --kv-cache-memory).
-    #[arg(long)]
-    pub num_blocks: Option<usize>,
-    /// KV pool size in bytes.
-    #[arg(long)]
-    pub kv_cache_memory: Option<usize>,
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
-    /// On a GPU, without --num-blocks/--kv-cache-memory: the share of the card's memory to fill.
-    #[arg(long, default_value_t = 0.9)]
-    pub gpu_memory_utilization: f64,
-    /// Dequantize GGUF weights to f32 at load.
-    #[arg(long)]
-    pub dequantize: bool,
-    /// Where to run: `cpu`, `cuda`, or `auto`.
-    #[arg(long, default_value = "auto")]
-    pub device: pagoda_kernels::DeviceChoice,
-    /// `auto`, `f32`, `bf16` or `f16` (as `pagoda serve`).
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    /// Model loading and engine sizes, as `pagoda serve` takes them.
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -144,8 +122,7 @@ pub fn throughput(args: &ThroughputArgs) -> Result<ThroughputReport> {
         "--num-prompts, --input-len and --output-len must be at least 1"
     );
     let path = pagoda_models::resolve_model_path(Some(&args.model))?;
-    let opts =
-        pagoda_server::serve::load_options(args.device, &args.dtype, args.dequantize, &path)?;
+    let opts = args.engine.load_options(&path)?;
     let device = if opts.device.is_cuda() { "cuda" } else { "cpu" };
     let dtype = format!("{:?}", opts.dtype).to_lowercase();
     let loaded =
@@ -158,17 +135,7 @@ pub fn throughput(args: &ThroughputArgs) -> Result<ThroughputReport> {
     );
     let vocab = loaded.tokenizer.vocab_size().min(loaded.config.vocab_size) as u64;
     let eos = loaded.tokenizer.eos_token_ids.clone();
-    let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: args.max_num_batched_tokens,
-            max_num_seqs: args.max_num_seqs,
-        },
-        block_size: args.block_size,
-        num_blocks: args.num_blocks,
-        kv_cache_memory: args.kv_cache_memory,
-        gpu_memory_utilization: args.gpu_memory_utilization,
-        ..Default::default()
-    };
+    let config = args.engine.engine_config();
     let mut engine = Engine::new(loaded.model, &config, eos.clone())?;
     let stats = engine.stats();
 
@@ -238,8 +205,8 @@ pub fn throughput(args: &ThroughputArgs) -> Result<ThroughputReport> {
         num_prompts: args.num_prompts,
         input_len: args.input_len,
         output_len: args.output_len,
-        max_num_seqs: args.max_num_seqs,
-        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_num_seqs: args.engine.max_num_seqs,
+        max_num_batched_tokens: args.engine.max_num_batched_tokens,
         num_blocks: stats.num_blocks,
         block_size: stats.block_size,
         elapsed_s: elapsed,
@@ -250,7 +217,7 @@ pub fn throughput(args: &ThroughputArgs) -> Result<ThroughputReport> {
         num_output_tokens,
         num_steps,
         num_preemptions: engine.stats().num_preemptions - preemptions_before,
-        cpu_model: cpu_model(),
+        cpu_model: pagoda_kernels::device::cpu_model(),
         num_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
     })
 }
@@ -261,17 +228,4 @@ fn mix64(x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// `model name` from `/proc/cpuinfo`, else "unknown".
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }

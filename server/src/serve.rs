@@ -27,39 +27,14 @@ pub struct ServeArgs {
     /// The name clients put in `model` (default: the model's file or folder name).
     #[arg(long)]
     pub served_model_name: Option<String>,
-    /// Most requests computed together.
-    #[arg(long, default_value_t = 64)]
-    pub max_num_seqs: usize,
-    /// Most tokens computed in one step (prompt chunks + decodes).
-    #[arg(long, default_value_t = 512)]
-    pub max_num_batched_tokens: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Requests allowed to wait beyond those running; more get 429.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
     /// Require `Authorization: Bearer KEY` on the API.
     #[arg(long, env = "PAGODA_API_KEY")]
     pub api_key: Option<String>,
-    /// KV pool size in blocks (wins over --kv-cache-memory).
-    #[arg(long)]
-    pub num_blocks: Option<usize>,
-    /// KV pool size in bytes.
-    #[arg(long)]
-    pub kv_cache_memory: Option<usize>,
-    #[arg(long, default_value_t = 16)]
-    pub block_size: usize,
-    /// On a GPU, without --num-blocks/--kv-cache-memory: the share of the card's memory to fill
-    /// (weights, activations and the KV pool).
-    #[arg(long, default_value_t = 0.9)]
-    pub gpu_memory_utilization: f64,
-    /// Dequantize GGUF weights to f32 at load.
-    #[arg(long)]
-    pub dequantize: bool,
-    /// Where to run: `cpu`, `cuda`, or `auto` (CUDA when compiled in and a GPU answers).
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
-    /// Activation and KV-cache type: `auto` (f32 on CPU; bf16 on CUDA, f32 for quantized GGUF), `f32`, `bf16`, `f16`.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -88,6 +63,59 @@ pub struct ServeArgs {
     /// the API key.
     #[arg(long, env = "PAGODA_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
+}
+
+/// How the model is loaded and the engine sized: shared by `pagoda serve` and `pagoda bench`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// Most requests computed together.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step (prompt chunks + decodes).
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// KV pool size in blocks (wins over --kv-cache-memory).
+    #[arg(long)]
+    pub num_blocks: Option<usize>,
+    /// KV pool size in bytes.
+    #[arg(long)]
+    pub kv_cache_memory: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// On a GPU, without --num-blocks/--kv-cache-memory: the share of the card's memory to fill
+    /// (weights, activations and the KV pool).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Dequantize GGUF weights to f32 at load.
+    #[arg(long)]
+    pub dequantize: bool,
+    /// Where to run: `cpu`, `cuda`, or `auto` (CUDA when compiled in and a GPU answers).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Activation and KV-cache type: `auto` (f32 on CPU; bf16 on CUDA, f32 for quantized GGUF), `f32`, `bf16`, `f16`.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+impl EngineArgs {
+    /// The engine's sizes (LoRA off; `pagoda serve` adds it).
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_num_batched_tokens: self.max_num_batched_tokens,
+                max_num_seqs: self.max_num_seqs,
+            },
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+            kv_cache_memory: self.kv_cache_memory,
+            gpu_memory_utilization: self.gpu_memory_utilization,
+            ..EngineConfig::default()
+        }
+    }
+
+    pub fn load_options(&self, model: &std::path::Path) -> anyhow::Result<LoadOptions> {
+        load_options(self.device, &self.dtype, self.dequantize, model)
+    }
 }
 
 fn parse_lora(s: &str) -> Result<(String, std::path::PathBuf), String> {
@@ -186,14 +214,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "listening (the model is loading; /health says 503 until it is ready)");
 
     let config = EngineConfig {
-        scheduler: SchedulerConfig {
-            max_num_batched_tokens: args.max_num_batched_tokens,
-            max_num_seqs: args.max_num_seqs,
-        },
-        block_size: args.block_size,
-        num_blocks: args.num_blocks,
-        kv_cache_memory: args.kv_cache_memory,
-        gpu_memory_utilization: args.gpu_memory_utilization,
         max_waiting: args.max_waiting,
         lora: (args.enable_lora || !args.loras.is_empty() || args.lora_dir.is_some()).then_some(
             AdapterLimits {
@@ -203,10 +223,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 max_adapter_bytes: args.max_adapter_memory,
             },
         ),
+        ..args.engine.engine_config()
     };
     let loras = args.loras.clone();
     let loader_state = state.clone();
-    let opts = load_options(args.device, &args.dtype, args.dequantize, &path)?;
+    let opts = args.engine.load_options(&path)?;
     let loading = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let loaded = pagoda_models::load(&path, &opts)
