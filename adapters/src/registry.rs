@@ -93,10 +93,6 @@ impl AdapterRegistry {
         }
     }
 
-    pub fn limits(&self) -> &AdapterLimits {
-        &self.limits
-    }
-
     fn check_name(&self, name: &str) -> Result<(), AdapterError> {
         check_name(name)?;
         if self.reserved.iter().any(|r| r == name) {

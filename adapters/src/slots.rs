@@ -25,10 +25,6 @@ impl AdapterSlots {
         }
     }
 
-    pub fn num_slots(&self) -> usize {
-        self.slots.len()
-    }
-
     /// Adapters copied into a slot so far (cache misses).
     pub fn num_loads(&self) -> u64 {
         self.num_loads

@@ -105,6 +105,12 @@ impl Engine {
             }
             // Before the KV pool is sized, so the slots' memory is counted as in use.
             model.init_lora_slots(l.max_loras, l.max_lora_rank)?;
+            tracing::info!(
+                slots = l.max_loras,
+                max_rank = l.max_lora_rank,
+                mib = model.lora_slot_bytes() >> 20,
+                "LoRA device slots"
+            );
         }
         let num_blocks = match (config.num_blocks, config.kv_cache_memory) {
             (Some(n), _) => n,

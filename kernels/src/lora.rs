@@ -149,11 +149,6 @@ impl LoraIndices {
             on_device: Default::default(),
         }
     }
-
-    /// True when some token uses an adapter.
-    pub fn any(&self) -> bool {
-        self.token_slots.iter().any(|&s| s != NO_SLOT)
-    }
 }
 
 /// Adds every token's LoRA update to `y` in place (see the module docs). `x [T, IN]` and

@@ -245,6 +245,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let engine = EngineHandle::start(loaded, config)?;
         if let Some(registry) = engine.adapters() {
             for (name, dir) in &loras {
+                anyhow::ensure!(
+                    name != &loader_state.served_model_name,
+                    "--lora {name}=...: `{name}` is the base model's name"
+                );
                 let a = registry
                     .load(name, dir)
                     .with_context(|| format!("--lora {name}={}", dir.display()))?;
