@@ -15,11 +15,13 @@ fn devices() -> Vec<Device> {
 #[test]
 fn bgmv_matches_per_token_reference() {
     // Widths that allow the CUDA kernels' 16-byte vectors, and widths that don't.
-    check_against_reference(48, [40, 24, 16], 8);
-    check_against_reference(30, [13, 7, 5], 7);
+    check_against_reference(48, [40, 24, 16], 8, 9);
+    check_against_reference(30, [13, 7, 5], 7, 9);
+    // A prefill-sized batch.
+    check_against_reference(48, [40, 24, 16], 8, 600);
 }
 
-fn check_against_reference(in_f: usize, parts: [usize; 3], max_rank: usize) {
+fn check_against_reference(in_f: usize, parts: [usize; 3], max_rank: usize, num_tokens: usize) {
     let num_slots = 4;
     let total: usize = parts.iter().sum();
     // (slot, part) -> rank; slot 1 leaves part 2 out, slot 3 is filled then cleared.
@@ -43,7 +45,8 @@ fn check_against_reference(in_f: usize, parts: [usize; 3], max_rank: usize) {
             let (a0, b0) = weights[0][0].clone().unwrap();
             stack.set_slot(3, 0, Some((&a0, &b0))).unwrap();
             stack.set_slot(3, 0, None).unwrap();
-            let slots = vec![1, NO_SLOT, 0, 0, 2, 3, 1, NO_SLOT, 2];
+            let pattern = [1, NO_SLOT, 0, 0, 2, 3, 1, NO_SLOT, 2];
+            let slots: Vec<u32> = pattern.iter().copied().cycle().take(num_tokens).collect();
             let t = slots.len();
             let x = Tensor::randn(0f32, 1.0, (t, in_f), &device).unwrap();
             let y = Tensor::randn(0f32, 1.0, (t, total), &device).unwrap();
