@@ -346,3 +346,82 @@ async fn plain_greedy_fast_path_matches_the_full_sampler() {
     assert_idle(&engine).await;
     engine.shutdown();
 }
+
+/// LoRA requests through preemption, chunked prefill and slot eviction (two adapter
+/// generations and one device slot) give the tokens they give alone on a roomy engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_survive_preemption_chunking_and_slot_eviction() {
+    let demo = pagoda_tests::fixture("demo-lora/signature");
+    let lora = |max_loras| {
+        Some(pagoda_adapters::AdapterLimits {
+            max_loras,
+            ..Default::default()
+        })
+    };
+    let submit = |engine: &EngineHandle, i: usize| {
+        let engine = engine.clone();
+        async move {
+            let adapter = [None, Some("sig"), Some("sig2")][i % 3].map(str::to_string);
+            let request = GenerateRequest {
+                adapter,
+                ..GenerateRequest::new(chat(PROMPTS[i]), greedy(24))
+            };
+            let out = engine
+                .submit(request)
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            out.tokens.iter().map(|t| t.id).collect::<Vec<u32>>()
+        }
+    };
+    let load = |engine: &EngineHandle| {
+        let registry = engine.adapters().unwrap();
+        registry.load("sig", &demo).unwrap();
+        registry.load("sig2", &demo).unwrap();
+    };
+
+    let roomy = start(
+        EngineConfig {
+            lora: lora(4),
+            ..EngineConfig::default()
+        },
+        false,
+    );
+    load(&roomy);
+    let mut expected = Vec::new();
+    for i in 0..8 {
+        expected.push(submit(&roomy, i).await);
+    }
+    roomy.shutdown();
+
+    let tight = start(
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_num_batched_tokens: 24,
+                max_num_seqs: 8,
+            },
+            num_blocks: Some(16),
+            lora: lora(1),
+            ..EngineConfig::default()
+        },
+        false,
+    );
+    load(&tight);
+    let got = futures_join((0..8).map(|i| submit(&tight, i))).await;
+    let stats = tight.stats().await.unwrap();
+    assert!(
+        stats.num_preemptions > 0,
+        "the small pool must force preemption"
+    );
+    // One slot, two adapters: the second waits for the first's requests, then replaces it.
+    assert!(
+        stats.num_lora_slot_loads >= 2,
+        "one slot for two adapters must swap them ({} loads)",
+        stats.num_lora_slot_loads
+    );
+    assert_eq!(got, expected);
+    assert_idle(&tight).await;
+    tight.shutdown();
+}
