@@ -402,7 +402,8 @@ async fn adapters_survive_preemption_chunking_and_slot_eviction() {
                 max_num_batched_tokens: 24,
                 max_num_seqs: 8,
             },
-            num_blocks: Some(16),
+            // 6 blocks of 16 tokens: one request (~75 tokens) fits, two running together don't.
+            num_blocks: Some(6),
             lora: lora(1),
             ..EngineConfig::default()
         },
