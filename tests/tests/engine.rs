@@ -36,14 +36,18 @@ async fn generate(
     prompt: Prompt,
     params: SamplingParams,
 ) -> (String, Vec<u32>) {
-    let out = engine
-        .submit(GenerateRequest::new(prompt, params))
+    let out = run(engine, GenerateRequest::new(prompt, params)).await;
+    (out.text, out.tokens.iter().map(|t| t.id).collect())
+}
+
+async fn run(engine: &EngineHandle, request: GenerateRequest) -> pagoda_engine::StreamOutput {
+    engine
+        .submit(request)
         .await
         .unwrap()
         .collect()
         .await
-        .unwrap();
-    (out.text, out.tokens.iter().map(|t| t.id).collect())
+        .unwrap()
 }
 
 /// Every request is gone and every block is back in the pool.
@@ -210,13 +214,7 @@ async fn stop_strings_cut_the_text_and_finish_with_stop() {
         stop: vec!["aris".into()],
         ..GenerateRequest::new(chat("What is the capital of France?"), greedy(32))
     };
-    let out = engine
-        .submit(request)
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let out = run(&engine, request).await;
     assert_eq!(out.text, full[..at + 1]);
     assert_eq!(out.finish_reason, Some(FinishReason::Stop));
     assert_idle(&engine).await;
@@ -251,22 +249,10 @@ async fn dropping_streams_mid_way_frees_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn length_and_eos_finish_reasons() {
     let engine = start(EngineConfig::default(), true);
-    let out = engine
-        .submit(GenerateRequest::new(chat(PROMPTS[0]), greedy(3)))
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let out = run(&engine, GenerateRequest::new(chat(PROMPTS[0]), greedy(3))).await;
     assert_eq!(out.tokens.len(), 3);
     assert_eq!(out.finish_reason, Some(FinishReason::Length));
-    let out = engine
-        .submit(GenerateRequest::new(chat(PROMPTS[0]), greedy(64)))
-        .await
-        .unwrap()
-        .collect()
-        .await
-        .unwrap();
+    let out = run(&engine, GenerateRequest::new(chat(PROMPTS[0]), greedy(64))).await;
     assert_eq!(out.finish_reason, Some(FinishReason::Stop));
     assert!(engine
         .tokenizer()
@@ -366,13 +352,7 @@ async fn adapters_survive_preemption_chunking_and_slot_eviction() {
                 adapter,
                 ..GenerateRequest::new(chat(PROMPTS[i]), greedy(24))
             };
-            let out = engine
-                .submit(request)
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap();
+            let out = run(&engine, request).await;
             out.tokens.iter().map(|t| t.id).collect::<Vec<u32>>()
         }
     };
