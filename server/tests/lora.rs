@@ -284,3 +284,42 @@ async fn hot_swap_under_load() {
     assert_eq!(s.health().await, 200);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[tokio::test]
+async fn without_lora_the_admin_endpoints_say_so() {
+    let s = Server::start(&[]).await;
+    let load = json!({"lora_name": "x", "lora_path": "x"});
+    let (st, t) = admin(&s, "/v1/load_lora_adapter", &load, None).await;
+    assert_eq!(st, 400, "{t}");
+    assert!(t.contains("LoRA is off"), "{t}");
+    let (st, t) = admin(
+        &s,
+        "/v1/unload_lora_adapter",
+        &json!({"lora_name": "x"}),
+        None,
+    )
+    .await;
+    assert_eq!(st, 400, "{t}");
+    // Bodies that are not what the endpoints take.
+    for body in [
+        json!("x"),
+        json!({"lora_name": 5, "lora_path": "x"}),
+        json!({}),
+    ] {
+        let (st, t) = admin(&s, "/v1/load_lora_adapter", &body, None).await;
+        assert_eq!(st, 400, "{body}: {t}");
+    }
+    let (st, v) = s.chat(with_model(chat_body("Hi", 4), "x")).await;
+    assert_eq!(st, 404, "{v}");
+    let models: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 1);
+    assert_eq!(s.health().await, 200);
+}
