@@ -46,7 +46,7 @@ fn uploaded<'a>(meta: &'a AttentionMetadata, dev: &CudaDevice) -> Result<&'a Dev
 fn range(l: &Layout) -> Result<std::ops::Range<usize>> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(a..b),
-        None => candle_core::bail!("paged kernels need contiguous tensors"),
+        None => candle_core::bail!("pagoda CUDA kernels need contiguous tensors"),
     }
 }
 

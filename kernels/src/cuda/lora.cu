@@ -2,19 +2,10 @@
 //   x   [T, IN]   a [S * n * R, IN]   bt: part j at bt + base_j, [S * R, OUT_j]   (one dtype)
 //   slots [T] (u32, 0xffffffff = no adapter)
 //   v   [T, n * R] f32:  v = a[s] x          y [T, sum OUT_j] += bt[s]^T v, in place
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 constexpr uint32_t NO_SLOT = 0xffffffffu;
 constexpr int WARPS = 4;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
 // 16-byte vectors: N elements of T in one load or store.
 template <typename T> struct Vec { static constexpr int N = 8; };

@@ -2,9 +2,7 @@
 //   cache   [num_blocks, block_size, num_kv_heads, head_dim]  (f32, f16 or bf16)
 //   q       [num_tokens, num_heads, head_dim]                 (f32)
 //   out     [num_tokens, num_heads, head_dim]                 (f32)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 // Copies each token's row of `row` elements to its slot: dst[slot * row + i] = src[t * row + i].
 // Grid: one block per token. Works on raw 16- or 32-bit elements.
@@ -24,10 +22,6 @@ extern "C" __global__ void write_slots_u16(const uint16_t* src, uint16_t* dst, c
 extern "C" __global__ void write_slots_u32(const uint32_t* src, uint32_t* dst, const uint32_t* slots, uint32_t row) {
   write_slots(src, dst, slots, row);
 }
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 constexpr int MAX_PER_LANE = 8;  // head_dim <= 256
 constexpr int WARPS = 4;
